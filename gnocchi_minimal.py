@@ -15,11 +15,12 @@ Sections (paper / spec map):
 Left out: the paper's RNN-controlled biomechanical arm (replaced by a random rate-RNN driven by minimum-jerk reaches),
 the monkey dataset, LFADS (PCA is the baseline), self-attention, reverse-DDIM editing.
 
-Run:  python gnocchi_minimal.py               # --demo reach, ~4 min on 2 CPU cores
+Run:  python gnocchi_minimal.py               # --demo reach, ~3.7 min on 2 CPU cores
       python gnocchi_minimal.py --quick       # ~10 s smoke test
-Expected (seed 0, 2-core CPU): held-out target R^2 ~0.9 from codes, |cos(w_x, w_y)| < 0.3, held-out PSTH R^2 ~0.8
-(see README for the measured table). Shapes: B batch, N neurons, T time bins, C channels, L code dims, K samples,
-M trials. Tensors are channels-first (B, N, T): neurons are the U-Net's input channels, convolutions run over time.
+Measured (seed 0, 2-core CPU; README table): held-out target R^2 from codes 0.867 (PCA baseline 0.830),
+|cos(w_x, w_y)| 0.045, generated held-out PSTH R^2 0.728 (PCA 0.582); code SNR 1.9, below PCA's 23.5.
+Shapes: B batch, N neurons, T time bins, C channels, L code dims, K samples, M trials. Tensors are channels-first
+(B, N, T): neurons are the U-Net's input channels, convolutions run over time.
 """
 import argparse
 import dataclasses
