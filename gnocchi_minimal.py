@@ -96,7 +96,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    print(f"seed {seed}")
 
 
 def get_device(name: str = "auto") -> torch.device:
