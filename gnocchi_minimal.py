@@ -11,14 +11,17 @@ Sections (paper / spec map):
   Diffusion    x_i = sqrt(abar_i) x0 + sqrt(1-abar_i) eps; eps-prediction; DDIM sampler (spec s1.3, s1.6)
   Objective    L = L_score + L_rec / T_diff + 0.1 MMD^2(c, N(0,I)), no per-sample KL (InfoDiffusion, zeta=1; s1.2)
   Evaluation   code SNR, held-out target R^2, navigation c* = c_bar + W b*, generated PSTH R^2, decoded endpoints,
-               |cos(w_x, w_y)|, unwanted movement; the same for a PCA-of-rates baseline with the same L (spec s4)
+               |cos(w_x, w_y)|, unwanted movement (spec s4)
+  Baselines    the same metrics for two latents with the same L: PCA of the rates, and an LFADS-like sequential VAE
+               whose code is its initial condition g0 (the paper's baseline, without LFADS's controller)
 Left out: the paper's RNN-controlled biomechanical arm (replaced by a random rate-RNN driven by minimum-jerk reaches),
-the monkey dataset, LFADS (PCA is the baseline), self-attention, reverse-DDIM editing.
+the monkey dataset, LFADS's inferred inputs and hyperparameter search, self-attention, reverse-DDIM editing.
 
-Run:  python gnocchi_minimal.py               # --demo reach, ~3.7 min on 2 CPU cores
+Run:  python gnocchi_minimal.py               # --demo reach, ~4.9 min on 2 CPU cores (GNOCCHI 3.6, LFADS-like 0.8)
       python gnocchi_minimal.py --quick       # ~10 s smoke test
-Measured (seed 0, 2-core CPU; README table): held-out target R^2 from codes 0.867 (PCA baseline 0.830),
-|cos(w_x, w_y)| 0.045, generated held-out PSTH R^2 0.728 (PCA 0.582); code SNR 1.9, below PCA's 23.5.
+Measured (seed 0, 2-core CPU; README table), GNOCCHI / PCA / LFADS-like: held-out target R^2 from codes
+0.867 / 0.830 / 0.896; |cos(w_x, w_y)| 0.045 / 0.247 / 0.008; generated held-out PSTH R^2 0.728 / 0.581 / 0.749;
+code SNR 1.9 / 23.5 / 3.7 (GNOCCHI's within-target code spread follows each trial's Poisson noise: R^2 0.63).
 Shapes: B batch, N neurons, T time bins, C channels, L code dims, K samples, M trials. Tensors are channels-first
 (B, N, T): neurons are the U-Net's input channels, convolutions run over time.
 """
@@ -77,15 +80,17 @@ class Config:
     # Monte-Carlo noise of a K-sample mean lowers R^2 (seed 0, L 8: 0.52 at K 50, 0.64 at K 200).
     n_gen: int = 200             # K samples per navigated code, averaged into PSTHs
     eval_every: int = 400        # steps between code -> target R^2 checks on validation trials
+    lfads_steps: int = 800       # training steps of the LFADS-like baseline (0: skip it; PCA is always run)
 
 
 DEMOS = ("reach",)
 PRESETS = {"quick": dict(n_neurons=24, trials_per_target=12, channels=16, diff_steps=50, ddim_steps=10, steps=40,
-                         warmup=5, n_gen=4, eval_every=20)}
+                         warmup=5, n_gen=4, eval_every=20, lfads_steps=20)}
 POSITIVE_FIELDS = ("n_neurons", "trials_per_target", "code_dim", "channels", "diff_steps", "ddim_steps", "steps",
                    "batch", "warmup", "n_gen", "eval_every")
 GAIN = 1.0
 HELDOUT = ((-1, 1), (1, 0), (0, -1))  # interior, non-collinear grid targets held out of everything (spec s3.2)
+LATENTS = {"GNOCCHI": "gnocchi", "PCA": "pca", "LFADS-like": "lfads"}  # latent name -> metrics.json key prefix
 
 
 # -----------------------------------------------------------------------------
@@ -462,6 +467,11 @@ def latent_metrics(C, gen, d, decode, K):
     for a, ax in enumerate("xy"):                                   # per-axis SNR along the unit navigation direction
         u = W[:, a] / np.linalg.norm(W[:, a])
         m[f"snr_{ax}"] = code_snr((C[tr] @ u)[:, None], lab[tr])
+    if "true_rates" in d:  # simulation only: is the within-target code spread the trial's own Poisson noise?
+        res = lambda A: A - np.stack([A[lab == k].mean(0) for k in range(lab.max() + 1)])[lab]  # minus target mean
+        noise = res((d["x"] - d["truth"]).reshape(len(C), -1))[tr]  # (M_tr, N*T): x minus its noise-free rates
+        a, b = np.arange(tr.sum()) % 2 == 0, np.arange(tr.sum()) % 2 == 1  # fit on half the trials, score the rest
+        m["within_from_noise_r2"] = float(r2(res(C)[tr][b], ridge(noise[a], res(C)[tr][a], lam=1.0)(noise[b])).mean())
     # Navigate to each held-out target: c* = c_bar + W b*; K samples; PSTH vs ground truth (spec s4.4)
     ho_targets = np.unique(Y[ho], axis=0)
     g_all = gen(np.repeat(c_bar + ho_targets @ W.T, K, axis=0))     # (n_ho * K, N, T)
@@ -510,22 +520,23 @@ def make_figures(out, d, res, hist, metrics):
         a[1].set(title="neuron 0 PSTH by target", xlabel="ms from onset", ylabel="Hz")
         a[2].imshow(d["rates"][0], aspect="auto", cmap="viridis"), a[2].set(title="one trial", xlabel="bin",
                                                                                ylabel="neuron")
-    fig = figs["latents"] = Figure(figsize=(9, 8))  # 3) codes on (w_x, w_y) coloured by target, held-out overlaid
+    R = len(res)  # GNOCCHI and the baselines
+    fig = figs["latents"] = Figure(figsize=(9, 4 * R))  # 3) codes on (w_x, w_y) coloured by target, held-out overlaid
     for r, (name, (C, ex)) in enumerate(res.items()):
         P = (C - ex["c_bar"]) @ np.linalg.pinv(ex["W"]).T           # (M, L) -> (M, 2) coordinates in (w_x, w_y)
         for a in range(2):
-            ax = fig.add_subplot(2, 2, 2 * r + a + 1)
+            ax = fig.add_subplot(R, 2, 2 * r + a + 1)
             ax.scatter(*P[~ho].T, c=Y[~ho, a], s=4, cmap="coolwarm")
             ax.scatter(*P[ho].T, c=Y[ho, a], s=18, cmap="coolwarm", edgecolors="k", linewidths=0.5)
             ax.set(title=f"{name}: colour = target {'xy'[a]} (held out: black edge)", xlabel="w_x", ylabel="w_y")
-    fig = figs["heldout_prediction"] = Figure(figsize=(8, 3.5))  # 4) predicted vs true held-out targets
+    fig = figs["heldout_prediction"] = Figure(figsize=(4 * R, 3.5))  # 4) predicted vs true held-out targets
     for j, (name, (C, ex)) in enumerate(res.items()):
-        ax = fig.add_subplot(1, 2, j + 1)
+        ax = fig.add_subplot(1, R, j + 1)
         ax.scatter(*ex["pred"].T, s=6, c=np.unique(Y[ho], axis=0, return_inverse=True)[1].ravel(), cmap="tab10")
         ax.scatter(*ex["ho_targets"].T, marker="*", s=200, c="k"), ax.set(title=f"{name}: predicted held-out targets")
-    fig = figs["traversal"] = Figure(figsize=(8, 3.5))  # 5) decoded endpoints along w_x and w_y sweeps
+    fig = figs["traversal"] = Figure(figsize=(4 * R, 3.5))  # 5) decoded endpoints along w_x and w_y sweeps
     for j, (name, (C, ex)) in enumerate(res.items()):
-        ax = fig.add_subplot(1, 2, j + 1)
+        ax = fig.add_subplot(1, R, j + 1)
         for a, mk in enumerate("ox"):
             ax.scatter(*ex["trav"][a].T, c=np.repeat(np.arange(5), len(ex["trav"][a]) // 5), cmap="viridis",
                        marker=mk, s=12, label=f"sweep along w_{'xy'[a]}")
@@ -543,7 +554,7 @@ def make_figures(out, d, res, hist, metrics):
     keys = ["snr_train", "heldout_r2", "psth_r2", "cos_wx_wy", "unwanted"]
     for j, k in enumerate(keys):
         ax = fig.add_subplot(1, len(keys) + 1, j + 1)
-        ax.bar(list(res), [metrics[f"{n.lower()}_{k}"] for n in res], color=["tab:orange", "tab:gray"])
+        ax.bar(list(res), [metrics[f"{LATENTS[n]}_{k}"] for n in res], color=["tab:orange", "tab:gray", "tab:green"][:R])
         ax.set(title=k)
     ax = fig.add_subplot(1, len(keys) + 1, len(keys) + 1)
     ax.semilogy([h["step"] for h in hist], [h["score"] for h in hist], lw=0.5), ax.set(title="L_score", xlabel="step")
@@ -588,15 +599,76 @@ def prepare(d: dict, seed: int) -> dict:
     return d
 
 
+# -----------------------------------------------------------------------------
+# Baselines with the same code size L: PCA of the rates (required) and an LFADS-like sequential VAE (the paper's)
+# -----------------------------------------------------------------------------
 def pca_baseline(d: dict, L: int):
     """Baseline latent: PCA (fit on training trials) of the flattened z-scored rates with the same L. Its generator is
-    the linear reconstruction mean + V c. NOTE (choice): the paper's baseline is LFADS; an LFADS-like sequential VAE
-    did not fit this file (issue 3 makes it optional), so PCA is the required baseline."""
+    the linear reconstruction mean + V c."""
     M, N, T = d["x"].shape
     X = d["x"].reshape(M, -1)                                        # (M, N, T) -> (M, N*T)
     mean = X[d["train"]].mean(0)
     V = np.linalg.svd(X[d["train"]] - mean, full_matrices=False)[2][:L].T  # (N*T, L) top principal axes
     return (X - mean) @ V, lambda c: (mean + c @ V.T).reshape(len(c), N, T)
+
+
+class SeqVAE(nn.Module):
+    """LFADS-like sequential VAE (Pandarinath et al. 2018; spec s4 "LFADS as the paper likely used it"): a
+    bidirectional GRU reads the trial and gives the posterior q(g0 | x) = N(mu, diag sigma^2) of the initial condition
+    g0 in R^L; an autonomous generator GRU starts from h_0 = W g0 and unrolls T steps; factors f_t = W_f h_t (no
+    bias, as in LFADS) are read out linearly to the rates. The code of a trial is mu, as GNOCCHI's is f_phi(x0).
+    NOTE (deviation): no controller (inferred inputs), no coordinated dropout, a Gaussian (MSE) likelihood on the
+    z-scored smoothed rates instead of Poisson on counts (this data set's model input), prior N(0, I), CPU widths."""
+
+    def __init__(self, N: int, L: int, H: int = 64, n_fac: int = 16):
+        super().__init__()
+        self.encoder = nn.GRU(N, H, batch_first=True, bidirectional=True)
+        self.to_post = nn.Linear(2 * H, 2 * L)                      # [h_fwd(T), h_bwd(0)] -> (mu, log sigma^2)
+        self.to_h0 = nn.Linear(L, H)
+        self.generator = nn.GRU(1, H, batch_first=True)             # autonomous: its input is a constant zero
+        self.to_fac = nn.Linear(H, n_fac, bias=False)
+        self.readout = nn.Linear(n_fac, N)
+
+    def posterior(self, x):                                          # (B, N, T) -> 2 x (B, L)
+        _, h = self.encoder(x.transpose(1, 2))                      # (B, T, N) in; h (2, B, H): final fwd, bwd states
+        return self.to_post(torch.cat([h[0], h[1]], 1)).chunk(2, dim=1)
+
+    def decode(self, g0, T: int):                                    # (B, L) -> (B, N, T)
+        h, _ = self.generator(g0.new_zeros(len(g0), T, 1), torch.tanh(self.to_h0(g0))[None])  # (B, T, H)
+        return self.readout(self.to_fac(h)).transpose(1, 2)         # (B, T, F) -> (B, T, N) -> (B, N, T)
+
+    def loss(self, x, kl_weight: float = 1.0):
+        """Negative ELBO per trial / (N T): Gaussian reconstruction (unit variance) + KL(q(g0 | x) || N(0, I))."""
+        mu, logvar = self.posterior(x)
+        g0 = mu + (0.5 * logvar).exp() * torch.randn_like(mu)      # reparameterised sample
+        rec = 0.5 * ((self.decode(g0, x.shape[2]) - x) ** 2).sum((1, 2))
+        kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1)     # closed-form Gaussian KL
+        return (rec + kl_weight * kl).mean() / x[0].numel(), kl.mean().item()
+
+
+def lfads_baseline(d: dict, L: int, steps: int, device, batch: int = 64):
+    """Train SeqVAE on the training trials (Adam lr 3e-3, KL weight ramped 0 -> 1 over the first half, as LFADS ramps
+    its KL weight). Returns (codes mu (M, L), generator c (K, L) -> (K, N, T), final KL per trial)."""
+    M, N, T = d["x"].shape
+    vae = SeqVAE(N, L).to(device)
+    x = torch.tensor(d["x"], dtype=torch.float32, device=device)
+    x_tr = x[torch.from_numpy(d["train"]).to(device)]
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    prog, kl = Progress("LFADS-like", steps, every=max(1, steps // 20)), float("nan")
+    for step in range(1, steps + 1):
+        loss, kl = vae.loss(x_tr[torch.randint(0, len(x_tr), (batch,), device=device)], min(1.0, 2 * step / steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        prog(step, loss=loss.item(), kl=kl)
+    vae.eval()
+    with torch.no_grad():
+        codes = vae.posterior(x)[0].double().cpu().numpy()             # (M, L) posterior means
+    def gen(c):                                                         # the generator's mean output for codes c
+        with torch.no_grad():
+            return vae.decode(torch.tensor(c, dtype=torch.float32, device=device), T).double().cpu().numpy()
+    return codes, gen, kl
 
 
 def main(argv=None) -> dict:
@@ -648,7 +720,11 @@ def main(argv=None) -> dict:
         return np.concatenate([model.sample(torch.tensor(cb, dtype=torch.float32, device=device), gen_x)
                                .double().cpu().numpy() for cb in np.split(c, np.arange(256, len(c), 256))])
 
-    base_codes, base_gen = pca_baseline(d, cfg.code_dim)
+    latents = {"GNOCCHI": (codes, gen), "PCA": pca_baseline(d, cfg.code_dim)}
+    if cfg.lfads_steps:
+        t2 = time.time()
+        *latents["LFADS-like"], metrics["lfads_final_kl"] = lfads_baseline(d, cfg.code_dim, cfg.lfads_steps, device)
+        timing["lfads_train"] = time.time() - t2
     n = min(M, 100)  # conditional generation from the codes of real trials: how much of x0 does c pin down?
     recon = gen(codes[:n])
     metrics["recon_r2"] = float(1 - ((recon - d["x"][:n]) ** 2).sum() / (d["x"][:n] ** 2).sum())
@@ -656,19 +732,19 @@ def main(argv=None) -> dict:
                    final_mmd=float(np.mean([h["mmd"] for h in hist[-50:]])), val_code_r2=hist[-1]["val_code_r2"])
     real, generated, res = d["rates"][:n], recon, {}
     if has_y and d["heldout"].any():
-        for name, C, g in (("GNOCCHI", codes, gen), ("PCA", base_codes, base_gen)):
+        for name, (C, g) in latents.items():
             m, ex = latent_metrics(C, g, d, decode, cfg.n_gen)
-            metrics.update({f"{name.lower()}_{k}": v for k, v in m.items()})
+            metrics.update({f"{LATENTS[name]}_{k}": v for k, v in m.items()})
             res[name] = (C, ex)
         real, generated = d["rates"][d["heldout"]], res["GNOCCHI"][1]["gen"]
-    timing["eval"], t1 = time.time() - t1, time.time()
+    timing["eval"], t1 = time.time() - t1 - timing.get("lfads_train", 0.0), time.time()  # sampling and metrics
     if res:
         make_figures(cfg.out, d, res, hist, metrics)
     timing["figures"] = time.time() - t1
     np.savez(os.path.join(cfg.out, "samples.npz"), real=real.astype(np.float32),  # rates in the data's units (Hz)
              generated=(generated * d["sd"] + d["mu"]).astype(np.float32))
-    np.savez(os.path.join(cfg.out, "codes.npz"), codes=codes, baseline_codes=base_codes, heldout=d["heldout"],
-             **({"targets": Y} if has_y else {}))
+    np.savez(os.path.join(cfg.out, "codes.npz"), codes=codes, baseline_codes=latents["PCA"][0], heldout=d["heldout"],
+             **({"targets": Y} if has_y else {}), **({"lfads_codes": latents["LFADS-like"][0]} if cfg.lfads_steps else {}))
     torch.save(model.state_dict(), os.path.join(cfg.out, "gnocchi.pt"))
     timing["total"] = time.time() - t0
     write_json_atomic(os.path.join(cfg.out, "timing.json"), timing)

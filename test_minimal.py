@@ -365,6 +365,18 @@ def test_gn_bad_data_raises_value_error(tmp_path):
         assert not out.exists(), "outputs written before validation"
 
 
+def test_gn_lfads_baseline_kl_matches_torch_and_generator_is_autonomous():
+    torch.manual_seed(0)
+    vae, x = gn.SeqVAE(N=6, L=3, H=8, n_fac=4), torch.randn(5, 6, 9)
+    mu, logvar = vae.posterior(x)
+    _, kl = vae.loss(x)                                                # the posterior is deterministic given x
+    q, p = torch.distributions.Normal(mu, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0)
+    assert abs(kl - torch.distributions.kl_divergence(q, p).sum(1).mean().item()) < 1e-5   # oracle: closed form
+    g0 = torch.randn(2, 3)
+    assert torch.equal(vae.decode(g0, 9), vae.decode(g0, 9))          # the output depends on g0 only (no inputs)
+    assert vae.decode(g0, 9).shape == (2, 6, 9) and not torch.allclose(vae.decode(g0, 9), vae.decode(-g0, 9))
+
+
 GN_TINY = ["--quick", "--threads", "1"]  # fixed thread count: float sums must run in the same order in both runs
 
 
@@ -384,10 +396,11 @@ def test_gn_quick_end_to_end(gn_quick_run):
         assert (out / f).exists(), f
     assert len(list((out / "figures").glob("*.png"))) >= 5
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"gnocchi_heldout_r2", "pca_heldout_r2", "gnocchi_psth_r2", "gnocchi_cos_wx_wy"} <= set(metrics)
+    assert {"gnocchi_heldout_r2", "pca_heldout_r2", "lfads_heldout_r2", "gnocchi_psth_r2", "gnocchi_cos_wx_wy",
+            "gnocchi_snr_train", "pca_snr_train", "lfads_snr_train"} <= set(metrics)
     with np.load(out / "codes.npz") as c, np.load(out / "samples.npz") as s:
         M = len(c["codes"])
-        assert c["baseline_codes"].shape == c["codes"].shape and c["targets"].shape == (M, 2)
+        assert c["baseline_codes"].shape == c["lfads_codes"].shape == c["codes"].shape and c["targets"].shape == (M, 2)
         assert c["heldout"].dtype == bool and c["heldout"].shape == (M,)
         assert s["real"].ndim == 3 and s["generated"].shape[1:] == s["real"].shape[1:]
     sd = torch.load(out / "gnocchi.pt", weights_only=True)
