@@ -554,8 +554,8 @@ def make_figures(out, d, res, hist, metrics):
     keys = ["snr_train", "heldout_r2", "psth_r2", "cos_wx_wy", "unwanted"]
     for j, k in enumerate(keys):
         ax = fig.add_subplot(1, len(keys) + 1, j + 1)
-        ax.bar(list(res), [metrics[f"{LATENTS[n]}_{k}"] for n in res], color=["tab:orange", "tab:gray", "tab:green"][:R])
-        ax.set(title=k)
+        ax.bar(list(res), [metrics[f"{LATENTS[n]}_{k}"] for n in res], color=["C1", "C7", "C2"][:R])
+        ax.set(title=k), ax.tick_params(axis="x", labelsize=7, labelrotation=30)
     ax = fig.add_subplot(1, len(keys) + 1, len(keys) + 1)
     ax.semilogy([h["step"] for h in hist], [h["score"] for h in hist], lw=0.5), ax.set(title="L_score", xlabel="step")
     for name, fig in figs.items():
@@ -615,8 +615,8 @@ def pca_baseline(d: dict, L: int):
 class SeqVAE(nn.Module):
     """LFADS-like sequential VAE (Pandarinath et al. 2018; spec s4 "LFADS as the paper likely used it"): a
     bidirectional GRU reads the trial and gives the posterior q(g0 | x) = N(mu, diag sigma^2) of the initial condition
-    g0 in R^L; an autonomous generator GRU starts from h_0 = W g0 and unrolls T steps; factors f_t = W_f h_t (no
-    bias, as in LFADS) are read out linearly to the rates. The code of a trial is mu, as GNOCCHI's is f_phi(x0).
+    g0 in R^L; an autonomous generator GRU starts from h_0 = tanh(W g0 + b) (NOTE (choice): tanh keeps h_0 in the
+    GRU's state range) and unrolls T steps; factors f_t = W_f h_t (no bias, as in LFADS) are read out linearly. The code of a trial is mu, as GNOCCHI's is f_phi(x0).
     NOTE (deviation): no controller (inferred inputs), no coordinated dropout, a Gaussian (MSE) likelihood on the
     z-scored smoothed rates instead of Poisson on counts (this data set's model input), prior N(0, I), CPU widths."""
 
@@ -649,7 +649,7 @@ class SeqVAE(nn.Module):
 def lfads_baseline(d: dict, L: int, steps: int, device, batch: int = 64):
     """Train SeqVAE on the training trials (Adam lr 3e-3, KL weight ramped 0 -> 1 over the first half, as LFADS ramps
     its KL weight). Returns (codes mu (M, L), generator c (K, L) -> (K, N, T), final KL per trial)."""
-    M, N, T = d["x"].shape
+    N, T = d["x"].shape[1:]
     vae = SeqVAE(N, L).to(device)
     x = torch.tensor(d["x"], dtype=torch.float32, device=device)
     x_tr = x[torch.from_numpy(d["train"]).to(device)]
@@ -665,6 +665,7 @@ def lfads_baseline(d: dict, L: int, steps: int, device, batch: int = 64):
     vae.eval()
     with torch.no_grad():
         codes = vae.posterior(x)[0].double().cpu().numpy()             # (M, L) posterior means
+
     def gen(c):                                                         # the generator's mean output for codes c
         with torch.no_grad():
             return vae.decode(torch.tensor(c, dtype=torch.float32, device=device), T).double().cpu().numpy()
@@ -743,8 +744,11 @@ def main(argv=None) -> dict:
     timing["figures"] = time.time() - t1
     np.savez(os.path.join(cfg.out, "samples.npz"), real=real.astype(np.float32),  # rates in the data's units (Hz)
              generated=(generated * d["sd"] + d["mu"]).astype(np.float32))
+    extra = dict(targets=Y) if has_y else {}
+    if cfg.lfads_steps:
+        extra["lfads_codes"] = latents["LFADS-like"][0]
     np.savez(os.path.join(cfg.out, "codes.npz"), codes=codes, baseline_codes=latents["PCA"][0], heldout=d["heldout"],
-             **({"targets": Y} if has_y else {}), **({"lfads_codes": latents["LFADS-like"][0]} if cfg.lfads_steps else {}))
+             **extra)
     torch.save(model.state_dict(), os.path.join(cfg.out, "gnocchi.pt"))
     timing["total"] = time.time() - t0
     write_json_atomic(os.path.join(cfg.out, "timing.json"), timing)
