@@ -462,6 +462,17 @@ def test_sg_gradient_penalty_zero_for_unit_norm_linear_critic_and_interpolates_o
 # -----------------------------------------------------------------------------
 # Model and training
 # -----------------------------------------------------------------------------
+def test_sg_fused_critic_pass_equals_separate_passes():
+    torch.manual_seed(0)
+    D = sg.init_weights(sg.Critic(N=8, T=16, F_=4))
+    x, x_fake = (torch.rand(6, 8, 16) < 0.2).float(), torch.rand(6, 8, 16)
+    torch.manual_seed(1)                                               # same interpolation weights alpha in both
+    fused = sg.critic_loss(D, x, x_fake)
+    torch.manual_seed(1)
+    separate = D(x_fake).mean() - D(x).mean() + 10.0 * sg.gradient_penalty(D, x, x_fake)
+    assert torch.allclose(fused, separate, atol=1e-6)
+
+
 def test_sg_generator_shape_range_and_init():
     torch.manual_seed(0)
     G = sg.init_weights(sg.Generator(16, 32, 8))
