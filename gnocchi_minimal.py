@@ -17,7 +17,7 @@ Sections (paper / spec map):
 Left out: the paper's RNN-controlled biomechanical arm (replaced by a random rate-RNN driven by minimum-jerk reaches),
 the monkey dataset, LFADS's inferred inputs and hyperparameter search, self-attention, reverse-DDIM editing.
 
-Run:  python gnocchi_minimal.py               # --demo reach, ~4.9 min on 2 CPU cores (GNOCCHI 3.6, LFADS-like 0.8)
+Run:  python gnocchi_minimal.py               # --demo reach, 3:01 on 2 CPU cores (4:52 in a slow VM period)
       python gnocchi_minimal.py --quick       # ~10 s smoke test
 Measured (seed 0, 2-core CPU; README table), GNOCCHI / PCA / LFADS-like: held-out target R^2 from codes
 0.867 / 0.830 / 0.896; |cos(w_x, w_y)| 0.045 / 0.247 / 0.008; generated held-out PSTH R^2 0.728 / 0.581 / 0.749;
@@ -88,7 +88,6 @@ PRESETS = {"quick": dict(n_neurons=24, trials_per_target=12, channels=16, diff_s
                          warmup=5, n_gen=4, eval_every=20, lfads_steps=20)}
 POSITIVE_FIELDS = ("n_neurons", "trials_per_target", "code_dim", "channels", "diff_steps", "ddim_steps", "steps",
                    "batch", "warmup", "n_gen", "eval_every")
-GAIN = 1.0
 HELDOUT = ((-1, 1), (1, 0), (0, -1))  # interior, non-collinear grid targets held out of everything (spec s3.2)
 LATENTS = {"GNOCCHI": "gnocchi", "PCA": "pca", "LFADS-like": "lfads"}  # latent name -> metrics.json key prefix
 
@@ -179,7 +178,7 @@ def make_data(cfg: Config) -> dict:
     hs = np.stack(hs, axis=2)                   # (M, H, S)
     w_out = rng.normal(0, 1.0, (cfg.n_neurons, H)) / math.sqrt(H)  # dense readout: mixed selectivity
     log_r0 = rng.uniform(math.log(4.0), math.log(20.0), (cfg.n_neurons, 1))  # baseline 4-20 spikes/s
-    lam = np.exp(log_r0 + GAIN * (w_out @ hs))  # (N, H) @ (M, H, S) -> (M, N, S) noise-free rates, Hz
+    lam = np.exp(log_r0 + w_out @ hs)           # (N, H) @ (M, H, S) -> (M, N, S) noise-free rates, Hz
     spikes = rng.poisson(lam * dt / 1e3)        # Poisson counts in 10 ms bins
     keep = (t >= -200) & (t < 520)              # window [-200, 520) ms -> 72 x 10 ms -> 36 x 20 ms bins
     K = smooth_matrix(len(t), 30.0 / dt)[:, keep].reshape(len(t), -1, 2).mean(-1)  # smooth, crop, bin: (S, 36)

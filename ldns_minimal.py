@@ -21,7 +21,7 @@ Left out: conditional generation, variable length masks and the spike-history GL
 Run (2-core CPU, --device cpu):
   python ldns_minimal.py --demo lorenz          # ~4 min; r(PSC, corr, mean ISI, std ISI) ~0.99/0.99/0.99/0.97,
                                                 # latent R^2 ~0.97 (targets: r >= 0.95, R^2 >= 0.9)
-  python ldns_minimal.py --demo lorenz --long   # ~20-25 min; r 0.998/0.999/0.999/0.996, R^2 0.99; PSC KL 2.0x
+  python ldns_minimal.py --demo lorenz --long   # ~17-25 min; r 0.998/0.999/0.999/0.995, R^2 0.99; PSC KL 2.0x
                                                 # the data-vs-data floor (2.8x size-matched; target <= 3x)
   python ldns_minimal.py --sample-steps 1000 --eta 1   # the official 1000-step ancestral DDPM sampler
   python ldns_minimal.py --quick                # ~10 s smoke run of every stage (numbers meaningless)
@@ -710,7 +710,7 @@ def parse_args(argv=None) -> Config:
             kw["choices"] = DEMOS if f.name == "demo" else ("auto", "cpu", "cuda", "mps")
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
     p.add_argument("--quick", action="store_true", help="tiny preset, end to end in < 30 s on 2 CPU cores")
-    p.add_argument("--long", action="store_true", help="longer preset (~20-25 min on 2 cores), paper-level numbers")
+    p.add_argument("--long", action="store_true", help="longer preset (~17-25 min on 2 cores), paper-level numbers")
     a = p.parse_args(argv)
     if a.quick and a.long:
         p.error("--quick and --long exclude each other")
