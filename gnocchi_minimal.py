@@ -17,11 +17,11 @@ Sections (paper / spec map):
 Left out: the paper's RNN-controlled biomechanical arm (replaced by a random rate-RNN driven by minimum-jerk reaches),
 the monkey dataset, LFADS's inferred inputs and hyperparameter search, self-attention, reverse-DDIM editing.
 
-Run:  python gnocchi_minimal.py               # --demo reach, 3:01 on 2 CPU cores (4:52 in a slow VM period)
+Run:  python gnocchi_minimal.py               # --demo reach, 3:01-3:34 on 2 CPU cores (4:52 in a slow VM period)
       python gnocchi_minimal.py --quick       # ~10 s smoke test
 Measured (seed 0, 2-core CPU; README table), GNOCCHI / PCA / LFADS-like: held-out target R^2 from codes
 0.867 / 0.830 / 0.896; |cos(w_x, w_y)| 0.045 / 0.247 / 0.008; generated held-out PSTH R^2 0.728 / 0.581 / 0.749;
-code SNR 1.9 / 23.5 / 3.7 (GNOCCHI's within-target code spread follows each trial's Poisson noise: R^2 0.63).
+code SNR 1.9 / 23.5 / 3.7 (GNOCCHI's within-target code spread follows each trial's Poisson noise: R^2 0.62).
 Shapes: B batch, N neurons, T time bins, C channels, L code dims, K samples, M trials. Tensors are channels-first
 (B, N, T): neurons are the U-Net's input channels, convolutions run over time.
 """
@@ -615,7 +615,8 @@ class SeqVAE(nn.Module):
     """LFADS-like sequential VAE (Pandarinath et al. 2018; spec s4 "LFADS as the paper likely used it"): a
     bidirectional GRU reads the trial and gives the posterior q(g0 | x) = N(mu, diag sigma^2) of the initial condition
     g0 in R^L; an autonomous generator GRU starts from h_0 = tanh(W g0 + b) (NOTE (choice): tanh keeps h_0 in the
-    GRU's state range) and unrolls T steps; factors f_t = W_f h_t (no bias, as in LFADS) are read out linearly. The code of a trial is mu, as GNOCCHI's is f_phi(x0).
+    GRU's state range) and unrolls T steps; factors f_t = W_f h_t (no bias, as in LFADS) are read out linearly.
+    The code of a trial is mu, as GNOCCHI's is f_phi(x0).
     NOTE (deviation): no controller (inferred inputs), no coordinated dropout, a Gaussian (MSE) likelihood on the
     z-scored smoothed rates instead of Poisson on counts (this data set's model input), prior N(0, I), CPU widths."""
 

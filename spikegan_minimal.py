@@ -15,12 +15,12 @@ critic relies on. Paper / official repo (manuelmolano/Spike-GAN) -> code:
   importance maps, Fig 4  importance_map, packet_template                   (repo spike_relevance_analysis.py)
 
 Run on a 2-core CPU (times measured with both cores, seed 0; full table in the README):
-  python spikegan_minimal.py                 # 4:21, 3000 iterations: rate r 0.99, covariance r 0.88; the
+  python spikegan_minimal.py                 # 3:46-4:21, 3000 iterations: rate r 0.99, covariance r 0.88; the
                                              #   k-statistics and the refractory dip are not reached (lag-1 ratio
                                              #   1.30 vs the data's 0.10; DG 0.26)
-  python spikegan_minimal.py --long          # 18:59, 15000 iterations: covariance r 0.97; the lag-1 ratio falls
+  python spikegan_minimal.py --long          # 19-20 min, 15000 iterations: covariance r 0.97; the lag-1 ratio falls
                                              #   to 0.78, still far from the data's 0.10 (training curve in README)
-  python spikegan_minimal.py --demo packets  # 7:51, 6000 iterations: importance inside / outside the packets 2.47
+  python spikegan_minimal.py --demo packets  # 7:51-8:03, 6000 iterations: importance inside / outside the packets 2.47
   python spikegan_minimal.py --quick         # ~10 s smoke test (used by the tests)
   The VM's speed varies with host load: the same runs take up to ~1.5x longer in slow periods.
 Left out: the MLP-GAN comparison (Fig 2), k-pairwise MaxEnt samples (Fig 3), the pattern-probability check (Fig S1).
