@@ -21,7 +21,7 @@ Left out: conditional generation, variable length masks and the spike-history GL
 Run (2-core CPU, --device cpu):
   python ldns_minimal.py --demo lorenz          # ~4 min; r(PSC, corr, mean ISI, std ISI) ~0.99/0.99/0.99/0.97,
                                                 # latent R^2 ~0.97 (targets: r >= 0.95, R^2 >= 0.9)
-  python ldns_minimal.py --demo lorenz --long   # ~17-25 min; r 0.998/0.999/0.999/0.995, R^2 0.99; PSC KL 2.0x
+  python ldns_minimal.py --demo lorenz --long   # ~17-26 min; r 0.998/0.999/0.999/0.995, R^2 0.99; PSC KL 2.0x
                                                 # the data-vs-data floor (2.8x size-matched; target <= 3x)
   python ldns_minimal.py --sample-steps 1000 --eta 1   # the official 1000-step ancestral DDPM sampler
   python ldns_minimal.py --quick                # ~10 s smoke run of every stage (numbers meaningless)

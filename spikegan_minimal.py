@@ -18,9 +18,9 @@ Run on a 2-core CPU (times measured with both cores, seed 0; full table in the R
   python spikegan_minimal.py                 # 3:46-4:21, 3000 iterations: rate r 0.99, covariance r 0.88; the
                                              #   k-statistics and the refractory dip are not reached (lag-1 ratio
                                              #   1.30 vs the data's 0.10; DG 0.26)
-  python spikegan_minimal.py --long          # 19-20 min, 15000 iterations: covariance r 0.97; the lag-1 ratio falls
+  python spikegan_minimal.py --long          # 19-24 min, 15000 iterations: covariance r 0.97; the lag-1 ratio falls
                                              #   to 0.78, still far from the data's 0.10 (training curve in README)
-  python spikegan_minimal.py --demo packets  # 7:51-8:03, 6000 iterations: importance inside / outside the packets 2.47
+  python spikegan_minimal.py --demo packets  # 7:51-9:06, 6000 iterations: importance inside / outside the packets 2.47
   python spikegan_minimal.py --quick         # ~10 s smoke test (used by the tests)
   The VM's speed varies with host load: the same runs take up to ~1.5x longer in slow periods.
 Left out: the MLP-GAN comparison (Fig 2), k-pairwise MaxEnt samples (Fig 3), the pattern-probability check (Fig S1).
@@ -70,7 +70,8 @@ class Config:
     # model. NOTE (deviation): CPU widths; the paper uses F 128 for both nets. The critic's double-backward gradient
     # penalty runs 5x per iteration, so it stays narrow; a wider generator learns faster per iteration for ~10% more
     # time (118 vs 108 ms per iteration at F 48 vs 32, 2 threads). Seed 0, 3000 iterations: covariance r 0.86 at
-    # F 32, 0.88 at F 48.
+    # F 32, 0.88 at F 48. A critic F 32 halves the iterations to a given lag-1 ratio but doubles their cost
+    # (--long: 0.67 vs 0.78 at F 16; README).
     d_features: int = 16       # critic F: channels 2F, 4F
     g_features: int = 48       # generator F: channels 4F, 2F, N
     layers: int = 2            # L conv layers in critic and generator
