@@ -17,7 +17,7 @@ Sections (paper / spec map):
 Left out: the paper's RNN-controlled biomechanical arm (replaced by a random rate-RNN driven by minimum-jerk reaches),
 the monkey dataset, LFADS's inferred inputs and hyperparameter search, self-attention, reverse-DDIM editing.
 
-Run:  python gnocchi_minimal.py               # --demo reach, 3:01-3:34 on 2 CPU cores (4:38-4:52 in slow VM periods)
+Run:  python gnocchi_minimal.py               # --demo reach, 3:01-3:34 on 2 CPU cores (4:38-4:57 in slow VM periods)
       python gnocchi_minimal.py --quick       # ~10 s smoke test
 Measured (seed 0, 2-core CPU; README table), GNOCCHI / PCA / LFADS-like: held-out target R^2 from codes
 0.867 / 0.830 / 0.896; |cos(w_x, w_y)| 0.045 / 0.247 / 0.008; generated held-out PSTH R^2 0.728 / 0.581 / 0.749;

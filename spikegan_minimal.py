@@ -15,12 +15,12 @@ critic relies on. Paper / official repo (manuelmolano/Spike-GAN) -> code:
   importance maps, Fig 4  importance_map, packet_template                   (repo spike_relevance_analysis.py)
 
 Run on a 2-core CPU (times measured with both cores, seed 0; full table in the README):
-  python spikegan_minimal.py                 # 3:46-4:21, 3000 iterations: rate r 0.99, covariance r 0.88; the
+  python spikegan_minimal.py                 # 3:46-5:29, 3000 iterations: rate r 0.99, covariance r 0.88; the
                                              #   k-statistics and the refractory dip are not reached (lag-1 ratio
                                              #   1.30 vs the data's 0.10; DG 0.26)
-  python spikegan_minimal.py --long          # 19-24 min, 15000 iterations: covariance r 0.97; the lag-1 ratio falls
+  python spikegan_minimal.py --long          # 19-27 min, 15000 iterations: covariance r 0.97; the lag-1 ratio falls
                                              #   to 0.78, still far from the data's 0.10 (training curve in README)
-  python spikegan_minimal.py --demo packets  # 7:51-9:06, 6000 iterations: importance inside / outside the packets 2.47
+  python spikegan_minimal.py --demo packets  # 7:51-11:02, 6000 iterations: importance inside / outside the packets 2.47
   python spikegan_minimal.py --quick         # ~10 s smoke test (used by the tests)
   The VM's speed varies with host load: the same runs take up to ~1.5x longer in slow periods.
 Left out: the MLP-GAN comparison (Fig 2), k-pairwise MaxEnt samples (Fig 3), the pattern-probability check (Fig S1).
@@ -81,6 +81,7 @@ class Config:
     # NOTE (deviation): lr 4e-3 decayed linearly to 0 instead of a constant 1e-4. With ~1% of the paper's
     # iterations, 1e-4 has not even fitted the rates after 3000 iterations; a larger lr learns faster but jitters,
     # and the decay (as in Gulrajani et al.'s CIFAR code) lets the last snapshot settle. Paper: --lr 1e-4 --lr-decay 0.
+    # For --long, 2e-3, 8e-3 and a constant 4e-3 all learn the refractory dip more slowly (README).
     iters: int = 3000          # generator iterations (repo default 300000)
     batch: int = 64
     lr: float = 4e-3           # Adam learning rate for both nets
