@@ -1,34 +1,39 @@
 """LDNS minimal: Latent Diffusion for Neural Spiking data, the whole pipeline in one file.
 
 Kapoor, Schulz, Vetter, Pei, Gao, Macke, "Latent Diffusion for Neural Spiking Data", NeurIPS 2024,
-https://arxiv.org/abs/2407.08751 (official code: github.com/mackelab/LDNS). Self-contained: torch + numpy
-(matplotlib only inside the figure function).
+https://arxiv.org/abs/2407.08751. Official code: github.com/mackelab/LDNS (the files named below are in that repo).
+Self-contained: torch + numpy (matplotlib only inside the figure function).
 
   spikes x (B,N,T) --S4 autoencoder--> smooth latents z (B,d,T) --latent DDPM with an S4 denoiser--> new z
-  --pointwise decoder--> rates (B,N,T) --Poisson--> new spikes
+  --pointwise decoder--> rates (B,N,T) --Poisson, or the spike-history model--> new spikes
 
-Section map (paper / project spec ldns.md -> code):
-  Lorenz data (paper Sec. 4.1, Fig. 2; spec 1) ............ make_lorenz_data, load_spikes
-  S4 layer (paper Sec. 3.1; spec 2.1) ...................... hippo_legs, S4D
-  Autoencoder, CD mask, regulariser (spec 2.2-2.4) ......... AEBlock, AutoEncoder, ae_loss
-  Latent diffusion: denoiser, DDPM, EMA (spec 3) ........... DenoiserBlock, Denoiser, DDPM, EMA
-  Training loop (AdamW, clip, warmup + cosine) ............. fit
-  Generation: noise -> z -> un-normalise -> decode -> Poisson  generate
-  Evaluation (spec 7) ...................................... spike_stats, compare, latent_r2 (main, step 5)
-  Figures (spec 12, items 1-5) ............................. make_figures
-Left out: conditional generation, variable length masks and the spike-history GLM (spec 4-6).
+Sections (paper -> code):
+  Data: Lorenz system (Sec. 4.1, Fig. 2; ldns/data/latent_attractor.py) ........ make_lorenz_data, load_spikes
+  S4 layer (Sec. 3.1; ldns/networks/s4.py) ...................................... hippo_legs, S4D
+  Autoencoder, coordinated dropout, regulariser (Sec. 3.1; ldns/networks/blocks.py,
+    ldns/losses.py, train_autoencoder_Lorenz.ipynb) ............................. AEBlock, AutoEncoder, ae_loss
+  Latent diffusion (Sec. 3.2; blocks.Denoiser, diffusers DDPMScheduler / EMAModel) .. Denoiser, DDPM, EMA
+  Training (AdamW, clipping, warmup + cosine) .................................. warmup_cosine, fit
+  Spike-history observation model (Sec. 3.3; train_spike_history_monkey.ipynb) ... SpikeHistoryGLM
+  Generation: noise -> z -> un-normalise -> decode -> spikes ...................... generate
+  Evaluation (ldns/utils/eval_utils.py, plotting_diffusion_Lorenz.ipynb) .......... spike_stats, compare, evaluate
+  Figures, outputs and the pipeline ............................................. make_figures, write_outputs, main
 
-Run (2-core CPU, --device cpu):
-  python ldns_minimal.py --demo lorenz          # ~4 min; r(PSC, corr, mean ISI, std ISI) ~0.99/0.99/0.99/0.97,
-                                                # latent R^2 ~0.97 (targets: r >= 0.95, R^2 >= 0.9)
-  python ldns_minimal.py --demo lorenz --long   # ~17-26 min; r 0.998/0.999/0.999/0.995, R^2 0.99; PSC KL 2.0x
-                                                # the data-vs-data floor (2.8x size-matched; target <= 3x)
-  python ldns_minimal.py --sample-steps 1000 --eta 1   # the official 1000-step ancestral DDPM sampler
-  python ldns_minimal.py --quick                # ~10 s smoke run of every stage (numbers meaningless)
-  python ldns_minimal.py --data spikes.npz      # your own counts (trials, neurons, bins), npz key 'spikes'
-Outputs (README "Running"): config.json, metrics.json, timing.json, samples.npz, figures/*.png, ae.pt, denoiser.pt.
-Shapes: B batch/trials, N neurons, T time bins, C hidden channels, d latent channels, H SSM channels,
-n complex SSM modes. Everything is channels-first (B, C, T).
+Run (2-core x86-64 CPU, --device cpu):
+  python ldns_minimal.py --demo lorenz             # ~4 min: r(PSC, corr, mean ISI, std ISI) 0.996/0.992/0.995/0.972
+  python ldns_minimal.py --demo lorenz --long      # ~25 min: r 0.998/0.999/0.999/0.995, latent R^2 0.99
+  python ldns_minimal.py --demo lorenz-refractory  # ~5 min: spike history; lag-1 ratio within 5% of the data's
+  python ldns_minimal.py --quick                   # ~10 s: every stage on a toy problem (numbers meaningless)
+  python ldns_minimal.py --paper                   # the official scale (5000 x 256 trials, 1000-step sampler): a GPU job
+  python ldns_minimal.py --data spikes.npz         # your own counts (trials, neurons, bins), npz key 'spikes'
+Outputs: config.json, metrics.json (last, atomic), timing.json, samples.npz, figures/*.png, ae.pt, denoiser.pt.
+Shapes: B batch/trials, N neurons, T time bins, C hidden channels, d latent channels, H SSM channels (or history
+bins), n complex SSM modes. Everything is channels-first (B, C, T).
+Markers: `NOTE (deviation)` differs from the paper / official code (mostly CPU scale); `NOTE (choice)` a detail the
+paper and code leave open, or an implementation choice that does not change the method.
+Randomness: every random draw is made on the CPU (torch's global generator seeded by set_seed, a seeded CPU
+torch.Generator, or numpy's default_rng) and then moved to the device, so one seed gives the same draws on CPU, CUDA
+and MPS. Models are built on the CPU, then moved.
 """
 import argparse
 import copy
@@ -38,7 +43,7 @@ import math
 import os
 import platform
 import random
-import tempfile
+import sys
 import time
 from dataclasses import dataclass
 
@@ -49,61 +54,87 @@ import torch.nn.functional as F
 
 
 # -----------------------------------------------------------------------------
-# Config: one dataclass, named presets
+# Config: one dataclass, named demos and presets
 # -----------------------------------------------------------------------------
 @dataclass
 class Config:
-    demo: str = "lorenz"        # the synthetic experiment (only one: Lorenz, paper Fig. 2)
+    demo: str = "lorenz"        # lorenz (Fig. 2) | lorenz-refractory (spike history)
+    preset: str = ""            # set by --quick / --long / --paper
     seed: int = 0
     device: str = "auto"        # auto | cpu | cuda | mps
     out: str = ""               # output folder; "" -> runs/ldns_minimal-<demo>
-    data: str = ""              # your own spikes (.npy or .npz key 'spikes'); "" -> Lorenz demo
+    data: str = ""              # your own spikes (.npy or .npz key 'spikes'); "" -> the demo's data
     threads: int = 0            # torch CPU threads; 0 -> torch default
-    # data (spec 1). NOTE (deviation): official 5000 trials x 256 bins; CPU scale uses fewer, shorter trials
+    # data. NOTE (deviation): official 5000 trials x 256 bins; CPU scale uses fewer, shorter trials (--paper: official)
     n_trials: int = 1500        # 70/10/20 split -> 1050 train trials = the "real" set of the evaluation
     n_bins: int = 128
     n_neurons: int = 128        # official 128
-    # autoencoder (spec 2). NOTE (deviation): official C=256, 4 blocks, 1400 steps of batch 512
+    # autoencoder. NOTE (deviation): official C 256, 4 blocks, 1400 steps of batch 512, lr 1e-3
     ae_channels: int = 64
     ae_blocks: int = 2
     d_latent: int = 8           # official 8
     d_state: int = 64           # S4 state size (d_state/2 complex modes), official 64
     ae_steps: int = 250
     ae_batch: int = 64
-    ae_lr: float = 2e-3         # NOTE (deviation): official 1e-3; larger for the short run
+    ae_lr: float = 2e-3         # larger than the official 1e-3 for the short run
     mask_p: float = 0.2         # coordinated-dropout probability, official 0.2
     beta_lat: float = 0.01      # L2 latent penalty, official 0.01
     beta_td: float = 0.01       # temporal-difference penalty, official 0.01
-    # diffusion (spec 3). NOTE (deviation): official 7000 steps of batch 512
+    # diffusion. NOTE (deviation): official 7000 steps of batch 512, lr 1e-3, 1000-step ancestral sampler
     dn_channels: int = 64       # official 64
     dn_blocks: int = 4          # official 4
     dn_steps: int = 550
     dn_batch: int = 64
-    dn_lr: float = 2e-3         # NOTE (deviation): official 1e-3; larger for the short run
+    dn_lr: float = 2e-3         # larger than the official 1e-3 for the short run
     n_diffusion: int = 1000     # training diffusion steps, official 1000
     sample_steps: int = 40      # sampler steps; 1000 with --eta 1 is the official ancestral DDPM sampler
     eta: float = 1.0            # 1: (respaced) ancestral DDPM, 0: deterministic DDIM
-    n_gen: int = 525            # NOTE (deviation): generated trials for evaluation; official: as many as train
+    n_gen: int = 525            # NOTE (deviation): generated trials; official: as many as training trials
     n_long: int = 2             # trials sampled at 16x length for the length-generalisation figure
+    # spike-history observation model (Sec. 3.3), fitted after the AE and the denoiser
+    spike_history: bool = False
+    sh_bins: int = 20           # H history bins, official 20
+    sh_epochs: int = 300        # NOTE (deviation): official 3000 full-batch epochs; the fit has converged earlier
+    sh_lr: float = 0.1          # official AdamW lr 0.1, weight decay 0.01
+    sh_cap: int = 5             # spike counts are capped at 5 for fitting and sampling, as official
 
 
-DEMOS = ("lorenz",)
+DEMOS = {"lorenz": {}, "lorenz-refractory": dict(spike_history=True)}
 PRESETS = {
-    "quick": dict(n_trials=60, n_bins=32, n_neurons=32, ae_channels=16, ae_blocks=1, d_state=16, ae_steps=100,
-                  dn_channels=16, dn_blocks=1, dn_steps=300, sample_steps=10, n_gen=20, n_long=1),
-    # the AE already reconstructs at the noise floor after 1000 steps; the rest of the budget goes to the denoiser
-    "long": dict(n_trials=2000, ae_steps=1000, dn_steps=5000, sample_steps=50, n_gen=1400),
+    "quick": (dict(n_trials=60, n_bins=32, n_neurons=32, ae_channels=16, ae_blocks=1, d_state=16, ae_steps=100,
+                   dn_channels=16, dn_blocks=1, dn_steps=300, sample_steps=10, n_gen=20, n_long=1, sh_bins=8,
+                   sh_epochs=50), "tiny sizes: every stage end to end in about 10 s on 2 CPU cores"),
+    "long": (dict(n_trials=2000, ae_steps=1000, dn_steps=5000, sample_steps=50, n_gen=1400),
+             "longer training (about 25 min on 2 CPU cores): the paper's statistics"),
+    "paper": (dict(n_trials=5000, n_bins=256, ae_channels=256, ae_blocks=4, ae_steps=1400, ae_batch=512, ae_lr=1e-3,
+                   dn_steps=7000, dn_batch=512, dn_lr=1e-3, sample_steps=1000, eta=1.0, n_gen=3500),
+              "the official Lorenz configuration (a GPU job: hours on a CPU)"),
 }
+CHOICES = dict(demo=tuple(DEMOS), device=("auto", "cpu", "cuda", "mps"), preset=("", *PRESETS))
 POSITIVE_FIELDS = ("n_trials", "n_bins", "n_neurons", "ae_channels", "ae_blocks", "d_latent", "d_state", "ae_steps",
                    "ae_batch", "ae_lr", "dn_channels", "dn_blocks", "dn_steps", "dn_batch", "dn_lr", "n_diffusion",
-                   "sample_steps", "n_gen", "n_long")
+                   "sample_steps", "n_gen", "n_long", "sh_bins", "sh_epochs", "sh_lr", "sh_cap")
+MAX_COUNT = 500                 # largest plausible spike count in one bin of --data (about 100 kHz at 5 ms bins)
+
+
+def check_config(cfg):
+    """File-specific CLI checks; returns an error message naming the flag, or None."""
+    if not 0 <= cfg.mask_p < 1 or cfg.eta < 0 or cfg.beta_lat < 0 or cfg.beta_td < 0:
+        return "--mask-p must be in [0, 1); --eta, --beta-lat and --beta-td must be >= 0"
+    if cfg.ae_channels % cfg.d_latent:
+        return f"--ae-channels ({cfg.ae_channels}) must be divisible by --d-latent ({cfg.d_latent})"
+    if cfg.sample_steps > cfg.n_diffusion:
+        return f"--sample-steps must be <= --n-diffusion ({cfg.n_diffusion}), got {cfg.sample_steps}"
+    if cfg.spike_history and cfg.sh_bins >= cfg.n_bins and not cfg.data:
+        return f"--sh-bins ({cfg.sh_bins}) must be smaller than --n-bins ({cfg.n_bins})"
+    return None
 
 
 # -----------------------------------------------------------------------------
-# Utilities
+# Utilities (the same code in the three files of this project)
 # -----------------------------------------------------------------------------
 def set_seed(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
+    """Seed python, numpy and torch's global CPU generator (every random draw is made on the CPU)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -113,35 +144,125 @@ def get_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda, then mps, then cpu. Every accelerator query is gated."""
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
-        raise ValueError(f"--device {name} requested but it is not available")
+        raise ValueError(f"--device {name}: expected an available device, found none of that kind")
     return torch.device(name)
 
 
 class Progress:
-    """Live one-line progress for a training loop: step, loss, ETA."""
+    """One live line per training loop: step, values, elapsed time and ETA."""
 
-    def __init__(self, name: str, total: int, every: int = 10):
-        self.name, self.total, self.every, self.t0 = name, total, max(1, every), time.time()
+    def __init__(self, name: str, total: int, every: int = 0):
+        self.name, self.total, self.every, self.t0 = name, total, every or max(1, total // 20), time.time()
 
     def __call__(self, step: int, **vals) -> None:
         if step % self.every and step != self.total:
             return
         el = time.time() - self.t0
-        eta = el / max(step, 1) * (self.total - step)
         msg = " ".join(f"{k} {v:.4g}" for k, v in vals.items())
-        end = "\n" if step == self.total else ""
-        print(f"\r  [{self.name}] step {step}/{self.total} {msg} | {el:.0f}s elapsed, ETA {eta:.0f}s", end=end,
-              flush=True)
+        print(f"\r  [{self.name}] step {step}/{self.total} {msg} | {el:.0f}s elapsed, "
+              f"ETA {el / step * (self.total - step):.0f}s", end="\n" if step == self.total else "", flush=True)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temp file in the same folder, then rename: no half-written file on failure."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+class Stopwatch:
+    """Wall-clock seconds per pipeline stage, for timing.json."""
+
+    def __init__(self):
+        self.t, self.times = time.time(), {}
+
+    def lap(self, stage: str) -> None:
+        now = time.time()
+        self.times[stage] = round(now - self.t, 2)
+        self.t = now
+
+
+def check_finite(loss: float, model: str, step: int, cause: str) -> None:
+    """Stop the run at once when a training loss is NaN or inf (nothing after training is written)."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"{model}: the training loss became {loss} at step {step}; likely cause: {cause}")
+
+
+def str2bool(s: str) -> bool:
+    """Command-line booleans: 1/0, true/false, yes/no, on/off."""
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0/1 or true/false, got {s!r}")
+
+
+def parse_args(argv=None) -> "Config":
+    """Command line -> Config: the demo's defaults (DEMOS), then one named preset (PRESETS: --quick, --paper, ...),
+    then explicit flags. Bad values exit with status 2 and a message that names the flag."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Config):
+        kw = dict(type=str2bool, nargs="?", const=True) if isinstance(f.default, bool) else dict(type=type(f.default))
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, choices=CHOICES.get(f.name),
+                       help=f"(default: {f.default!r})", **kw)
+    for name, (_, text) in PRESETS.items():
+        p.add_argument("--" + name, action="store_true", help=text)
+    a = vars(p.parse_args(argv))
+    named = [name for name in PRESETS if a.pop(name)]
+    if len(named) > 1:
+        p.error(f"--{' and --'.join(named)} exclude each other")
+    cfg = dataclasses.replace(Config(), **DEMOS[a["demo"] or Config.demo])
+    cfg = dataclasses.replace(cfg, preset=named[0] if named else "", **(PRESETS[named[0]][0] if named else {}))
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in a.items() if v is not None})
+    for name in POSITIVE_FIELDS:
+        if getattr(cfg, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    problem = check_config(cfg)
+    if problem:
+        p.error(problem)
+    cfg.out = cfg.out or os.path.join("runs", f"{os.path.basename(__file__)[:-3]}-{'data' if cfg.data else cfg.demo}")
+    return cfg
+
+
+def load_arrays(path: str) -> dict:
+    """The one loading path for --data: a .npy file (its array is named 'spikes') or a .npz archive (every array by
+    name), never unpickled. Any failure to open or parse is a ValueError naming the file, what was expected and
+    what was found."""
+    want = "a .npy file or a .npz archive of numeric arrays (np.save / np.savez)"
+    if not os.path.isfile(path) or not path.endswith((".npy", ".npz")):
+        found = ("a directory" if os.path.isdir(path) else "no such file" if not os.path.exists(path)
+                 else f"a file with the extension {os.path.splitext(path)[1] or '(none)'!r}")
+        raise ValueError(f"--data {path}: expected {want}, found {found}")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+        with open(path, "rb") as f:
+            obj = np.load(f, allow_pickle=False)
+            arrays = {k: obj[k] for k in obj.files} if isinstance(obj, np.lib.npyio.NpzFile) else {"spikes": obj}
+    except Exception as e:
+        found = ("an object array, which would need unpickling" if "Object arrays" in str(e) else
+                 "content that is not a .npy or .npz file" if "pickle" in str(e) else f"{type(e).__name__}: {e}")
+        raise ValueError(f"--data {path}: expected {want}, found {found}") from None
+    for k, a in arrays.items():
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+            raise ValueError(f"--data {path}: expected numeric arrays, found {k!r} with dtype {a.dtype}")
+    return arrays
+
+
+def prepare_out(out: str) -> None:
+    """Create the output folder (and figures/) and check that it is writable, before any training. A metrics.json
+    left there by an earlier run is removed, so an interrupted run never leaves one that looks like its own."""
+    try:
+        os.makedirs(os.path.join(out, "figures"), exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+        if os.path.exists(os.path.join(out, "metrics.json")):
+            os.remove(os.path.join(out, "metrics.json"))
+    except OSError as e:
+        raise ValueError(f"--out {out}: expected a writable folder, found {e.strerror or e}") from None
+
+
+def save_atomic(path: str, write) -> None:
+    """write(f) into a temporary file beside `path`, then rename it: no half-written output if the run dies.
+    Permissions follow the umask, like every other file the run writes (0644 under the usual 022)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -149,31 +270,70 @@ def write_json_atomic(path: str, obj) -> None:
         raise
 
 
+def write_json(path: str, obj) -> None:
+    save_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def run_info(cfg: "Config", device: torch.device) -> dict:
+    """config.json: every setting, the seed, the versions and the device."""
+    return dict(config=dataclasses.asdict(cfg), seed=cfg.seed, device=str(device), python=platform.python_version(),
+                torch=torch.__version__, numpy=np.__version__, platform=platform.platform(),
+                threads=torch.get_num_threads())
+
+
+def save_figure(fig, path: str, dpi: int = 90) -> None:
+    fig.tight_layout()
+    save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
 # -----------------------------------------------------------------------------
-# Data: Lorenz latents -> softplus rates -> Poisson spikes (spec 1), or your own counts
+# Data: Lorenz latents -> softplus rates -> Poisson spikes (Sec. 4.1), or your own counts
 # -----------------------------------------------------------------------------
-LORENZ_IC = np.array([-9.7869288, -15.03852, 20.533978])  # dysts default initial condition
+LORENZ_IC = np.array([-9.7869288, -15.03852, 20.533978])  # dysts' default initial condition of the Lorenz flow
 
 
 def lorenz_rk4(x, n_out, dt, n_sub=10, sigma=10.0, rho=28.0, beta=2.667):
     """Integrate K Lorenz systems at once with fixed-step RK4. x (K,3) -> trajectory (K, n_out, 3), spacing dt.
     NOTE (deviation): official integrates each trial with scipy Radau (rtol 1e-3) via dysts; RK4 with 10 substeps
     per sample is more accurate and takes about a second for all trials."""
-    def f(x):  # dx/dt = sigma(y-x), dy/dt = x(rho-z)-y, dz/dt = xy - beta z; beta = 2.667 as in dysts
+    def f(x):
+        # dx/dt = sigma (y - x), dy/dt = x (rho - z) - y, dz/dt = x y - beta z (beta = 2.667 as in dysts)
         return np.stack([sigma * (x[:, 1] - x[:, 0]), x[:, 0] * (rho - x[:, 2]) - x[:, 1],
                          x[:, 0] * x[:, 1] - beta * x[:, 2]], 1)
-    h, out = dt / n_sub, np.empty((len(x), n_out, 3))
+    h = dt / n_sub
+    out = np.empty((len(x), n_out, 3))
     out[:, 0] = x
     for i in range(1, n_out):
         for _ in range(n_sub):
-            k1 = f(x); k2 = f(x + h / 2 * k1); k3 = f(x + h / 2 * k2); k4 = f(x + h * k3)
+            k1 = f(x)
+            k2 = f(x + h / 2 * k1)
+            k3 = f(x + h / 2 * k2)
+            k4 = f(x + h * k3)
             x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
         out[:, i] = x
     return out
 
 
-def make_lorenz_data(n_trials, T, N, rng):
-    """Spec 1: returns spikes (K,N,T) int64, rates (K,N,T), latents (K,3,T) (per-trial z-scored)."""
+def refractory_poisson(lam, rng, K=4):
+    """Spikes with refractoriness, for the lorenz-refractory demo (not in the paper; it plays the role of the
+    monkey data's single-neuron dynamics). Each neuron n has a self-inhibiting history filter
+    h_{n,k} = -a_n exp(-(k-1)/tau_n), k = 1..K, with a_n ~ U[1.5, 3] and tau_n ~ U[0.5, 1.5] bins, and
+    s_{n,t} ~ Poisson(lam_{n,t} exp(sum_k h_{n,k} s_{n,t-k})): the Lorenz rate lam is multiplied by a gain that a
+    recent spike pushes towards 0 and that recovers within a few bins. lam (K_trials, N, T) -> counts, same shape."""
+    B, N, T = lam.shape
+    a, tau = rng.uniform(1.5, 3.0, N), rng.uniform(0.5, 1.5, N)
+    h = -a[:, None] * np.exp(-np.arange(K) / tau[:, None])    # (N, K); column k-1 acts on s_{t-k}
+    s = np.zeros((B, N, T), np.int64)
+    for t in range(T):
+        past = s[:, :, max(0, t - K):t][..., ::-1]             # (B, N, <=K): s_{t-1}, s_{t-2}, ...
+        drive = (past * h[:, :past.shape[-1]]).sum(-1)         # (B, N)
+        s[:, :, t] = rng.poisson(lam[:, :, t] * np.exp(drive))
+    return s
+
+
+def make_lorenz_data(n_trials, T, N, rng, refractory=False):
+    """Lorenz data (ldns/data/latent_attractor.py): returns spikes (K,N,T) int64, true rates (K,N,T) and latents
+    (K,3,T), per-trial z-scored. refractory=True draws the spikes through refractory_poisson from the same rates."""
     C = rng.standard_normal((N, 3))
     C = C / np.linalg.norm(C, axis=1, keepdims=True)          # unit-norm readout rows
     C = C[np.argsort(C[:, 0])]                                # sorted by their first column
@@ -183,54 +343,70 @@ def make_lorenz_data(n_trials, T, N, rng):
     traj = lorenz_rk4(ic, n, dt)[:, 100:]                     # (K, T, 3)
     traj = (traj - traj.mean(1, keepdims=True)) / traj.std(1, keepdims=True)  # per-trial z-score (ddof 0)
     latents = traj.transpose(0, 2, 1)                          # (K,T,3) -> (K,3,T)
-    u = np.einsum("nk,bkt->bnt", C, latents) + np.log(0.3)    # (K,N,T); bias log(0.3), "mean_rate 0.3"
-    rates = 0.5 * np.logaddexp(0.0, 2.0 * u)                  # softplus with beta 2: log(1+e^{2u})/2
-    return dict(spikes=rng.poisson(rates), rates=rates.astype(np.float32), latents=latents.astype(np.float32))
+    # lambda = softplus_2(C x + b) = log(1 + e^{2u}) / 2 with b = log 0.3 ("mean_rate 0.3" is this bias)
+    u = np.einsum("nk,bkt->bnt", C, latents) + np.log(0.3)    # (K,N,T)
+    rates = 0.5 * np.logaddexp(0.0, 2.0 * u)
+    spikes = refractory_poisson(rates, rng) if refractory else rng.poisson(rates)
+    return dict(spikes=spikes, rates=rates.astype(np.float32), latents=latents.astype(np.float32))
 
 
 def load_spikes(path):
-    """Your own data: (trials, neurons, bins) non-negative integer counts in .npy or .npz (key 'spikes').
-    Raises ValueError (expected vs found) before anything is trained or written."""
-    if not os.path.exists(path):
-        raise ValueError(f"--data: expected an existing .npy/.npz file, found no file at {path!r}")
-    obj = np.load(path, allow_pickle=False)
-    if isinstance(obj, np.lib.npyio.NpzFile):
-        if "spikes" not in obj.files:
-            raise ValueError(f"--data: expected key 'spikes' in the .npz, found keys {obj.files}")
-        obj = obj["spikes"]
-    s = np.asarray(obj)
+    """Your own data: non-negative integer counts (trials, neurons, bins) in a .npy file or under the key 'spikes'
+    of a .npz. Raises ValueError (file, expected, found) before anything is trained or written."""
+    arrays = load_arrays(path)
+    if "spikes" not in arrays:
+        raise ValueError(f"--data {path}: expected an array named 'spikes' in the .npz, found keys {sorted(arrays)}")
+    s = arrays["spikes"]
     if s.ndim != 3:
-        raise ValueError(f"--data: expected 3 dims (trials, neurons, bins), found shape {s.shape}")
-    if not (np.issubdtype(s.dtype, np.integer) or np.issubdtype(s.dtype, np.floating) or s.dtype == bool):
-        raise ValueError(f"--data: expected a numeric (integer count) dtype, found {s.dtype}")
+        raise ValueError(f"--data {path}: expected 3 dims (trials, neurons, bins), found shape {s.shape}")
     s = s.astype(np.float64)
-    if np.isnan(s).any() or np.isinf(s).any():
-        raise ValueError(f"--data: expected finite counts, found {int((~np.isfinite(s)).sum())} NaN/inf entries")
+    if not np.isfinite(s).all():
+        raise ValueError(f"--data {path}: expected finite counts, found {int((~np.isfinite(s)).sum())} NaN/inf entries")
     if (s < 0).any():
-        raise ValueError(f"--data: expected non-negative counts, found minimum {s.min()}")
+        raise ValueError(f"--data {path}: expected non-negative counts, found minimum {s.min()}")
     if (s != np.round(s)).any():
-        raise ValueError(f"--data: expected integer counts, found non-integer values, e.g. {s[s != np.round(s)][0]}")
-    if s.shape[0] < 10:
-        raise ValueError(f"--data: expected at least 10 trials, found {s.shape[0]}")
-    if s.shape[2] < 16:
-        raise ValueError(f"--data: expected at least 16 time bins, found {s.shape[2]}")
+        raise ValueError(f"--data {path}: expected integer counts, found non-integer values, "
+                         f"e.g. {s[s != np.round(s)][0]}")
+    if s.max() > MAX_COUNT:
+        raise ValueError(f"--data {path}: expected at most {MAX_COUNT} spikes per neuron and bin, found {s.max():.4g}; "
+                         "re-bin the spike times into shorter bins")
+    if s.shape[0] < 10 or s.shape[2] < 16 or s.shape[1] < 1:
+        raise ValueError(f"--data {path}: expected at least 10 trials, 1 neuron and 16 time bins, found {s.shape}")
+    if s.sum() == 0:
+        raise ValueError(f"--data {path}: expected some spikes, found only zeros")
     return dict(spikes=s.astype(np.int64))
 
 
 def split_trials(K, rng):
-    """70/10/20 train/val/test split of K trials (spec 1)."""
+    """70/10/20 train/val/test split of K trials (official random_split)."""
     perm = rng.permutation(K)
     n_tr, n_va = int(0.7 * K), int(0.1 * K)
     return perm[:n_tr], perm[n_tr:n_tr + n_va], perm[n_tr + n_va:]
 
 
+def make_data(cfg):
+    """The demo's data from its own seeded generator, or --data (validated); plus the train/val/test split."""
+    rng = np.random.default_rng(cfg.seed)
+    print(f"[data] {'loading ' + cfg.data if cfg.data else 'simulating the Lorenz system (' + cfg.demo + ')'}")
+    if cfg.data:
+        data = load_spikes(cfg.data)
+    else:
+        data = make_lorenz_data(cfg.n_trials, cfg.n_bins, cfg.n_neurons, rng, cfg.demo == "lorenz-refractory")
+    data["train"], data["val"], data["test"] = split_trials(len(data["spikes"]), rng)
+    K, N, T = data["spikes"].shape
+    print(f"  {K} trials x {N} neurons x {T} bins; train/val/test {len(data['train'])}/{len(data['val'])}/"
+          f"{len(data['test'])}; mean count {data['spikes'].mean():.3f} per bin")
+    return data
+
+
 # -----------------------------------------------------------------------------
-# S4 layer: diagonal state-space model, HiPPO-LegS init, FFT convolution (spec 2.1)
+# S4 layer (Sec. 3.1; ldns/networks/s4.py): diagonal state-space model, HiPPO-LegS init, FFT convolution
 # -----------------------------------------------------------------------------
 def hippo_legs(N):
     """HiPPO-LegS A = S - P P^T with S normal (Gu et al. 2022, S4 Sec. 3). Diagonalise S = -1/2 I + skew in float64
     and keep the N/2 eigenvalues with Im > 0 (their conjugates are implied). Returns (Im lambda (n,), B (n,))
-    with B = V^H B_legs, B_legs = sqrt(2k+1); the imaginary part of B is clipped to [-2, 2] as in the spec."""
+    with B = V^H B_legs, B_legs = sqrt(2k+1); the imaginary part of B is clipped to [-2, 2]
+    (ldns/networks/s4.py)."""
     k = np.arange(N, dtype=np.float64)
     q = np.sqrt(2 * k + 1)
     A = -np.tril(np.outer(q, q), -1) - np.diag(k + 1)          # HiPPO-LegS matrix
@@ -307,7 +483,7 @@ def instance_norm(h):
 
 
 # -----------------------------------------------------------------------------
-# Autoencoder (spec 2.2-2.4): S4 encoder -> grouped bottleneck z -> pointwise decoder -> softplus rates
+# Autoencoder (Sec. 3.1; blocks.AutoEncoder, losses.py): S4 encoder -> grouped bottleneck z -> pointwise decoder -> softplus rates
 # -----------------------------------------------------------------------------
 class AEBlock(nn.Module):
     """Pre-norm residual block: h += s * GELU(S4(IN(h)(1+g1)+b1)) + c;  h += W2 GELU(W1 (IN(h)(1+g2)+b2))."""
@@ -363,14 +539,15 @@ def latent_regulariser(z, beta_lat, beta_td, n_spike_entries, K=5):
 
 
 def ae_loss(ae, x, cfg):
-    """Coordinated dropout (spec 2.4): element-wise mask M ~ Bernoulli(1-p), input x M / (1-p), loss on dropped."""
-    M = (torch.rand_like(x) >= cfg.mask_p).float()            # (B,N,T), 1 = kept
+    """Coordinated dropout (train_autoencoder_Lorenz.ipynb): element-wise mask M ~ Bernoulli(1-p), input x M / (1-p),
+    Poisson loss on the dropped entries, plus the latent regulariser."""
+    M = (torch.rand(x.shape).to(x.device) >= cfg.mask_p).float()  # (B,N,T), 1 = kept
     rates, z = ae(x * M / (1 - cfg.mask_p))
     return masked_poisson_nll(rates, x, M) + latent_regulariser(z, cfg.beta_lat, cfg.beta_td, x.numel())
 
 
 # -----------------------------------------------------------------------------
-# Latent diffusion (spec 3): adaLN-Zero S4 denoiser, DDPM (linear betas, eps-prediction), EMA
+# Latent diffusion (Sec. 3.2; blocks.Denoiser, diffusers DDPMScheduler and EMAModel)
 # -----------------------------------------------------------------------------
 def timestep_embedding(t, dim=256):
     """Sinusoidal features of the raw integer t: [cos(t f_k), sin(t f_k)], f_k = 10000^(-k/(dim/2)). (B,) -> (B,dim)"""
@@ -398,32 +575,42 @@ class DenoiserBlock(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """eps_theta(z_t, t): grouped Conv1x1(d->C) -> adaLN-Zero blocks -> grouped Conv1x1(C->d); no U-Net, no attention.
-    Time: sinusoidal(256) -> Linear(256, C/4) -> SiLU -> Linear(C/4, C/4) = e."""
+    """eps_theta(z_t, t [, c] [, extra]) (blocks.Denoiser): Conv1x1(d + d_extra -> C) -> adaLN-Zero blocks ->
+    Conv1x1(C -> d + d_extra), the extra output channels dropped; no U-Net, no attention. Time: sinusoidal(256) ->
+    Linear(256, C/4) -> SiLU -> Linear(C/4, C/4) = e. The 1x1 convolutions are grouped (each input channel feeds its
+    own C/C_in hidden channels) when C_in = d + d_extra divides C, as official.
+    Conditioning as in the official monkey models: extra (B, d_extra, T) channels (velocity traces, a padding mask)
+    are concatenated to z_t; a vector c (B, d_cond) passes Linear(d_cond, C/4) -> SiLU -> Linear(C/4, C/4) and is
+    ADDED to e (ConditionalDenoiser), reaching every block through the zero-initialised adaLN."""
 
-    def __init__(self, d, C, n_blocks, d_state):
+    def __init__(self, d, C, n_blocks, d_state, d_extra=0, d_cond=0):
         super().__init__()
-        g = d if (C % d == 0 and C > d) else 1                 # each latent feeds its own C/d channels
-        self.conv_in = nn.Conv1d(d, C, 1, groups=g)
+        self.d, C_in = d, d + d_extra
+        g = C_in if (C % C_in == 0 and C > C_in) else 1
+        self.conv_in = nn.Conv1d(C_in, C, 1, groups=g)
         self.t_mlp = nn.Sequential(nn.Linear(256, C // 4), nn.SiLU(), nn.Linear(C // 4, C // 4))
         self.blocks = nn.ModuleList([DenoiserBlock(C, d_state) for _ in range(n_blocks)])
         # NOTE (deviation): DiT's final adaLN modulation (no norm), zero-init: h (1 + sc_f(t)) + sh_f(t) before
-        # conv_out. The InstanceNorm blocks cannot see a channel's per-trial time-mean, so it only reaches the
-        # output through the conv_in -> conv_out skip; official LDNS gives that path a t-independent gain, whose
-        # error at high noise is amplified by 1/sqrt(abar) and froze into per-trial latent offsets of ~7 std
-        # in short CPU runs. A t-dependent gain removes this failure.
+        # conv_out. The InstanceNorm blocks cannot see a channel's per-trial time-mean, so it reaches the output
+        # only through the conv_in -> conv_out path, which official LDNS gives a t-independent gain; its error at
+        # high noise is amplified by 1/sqrt(abar) in sampling and freezes into per-trial latent offsets in short
+        # training runs. A t-dependent gain removes this failure.
         self.ada_out = nn.Linear(C // 4, 2 * C)
         nn.init.zeros_(self.ada_out.weight)
         nn.init.zeros_(self.ada_out.bias)
-        self.conv_out = nn.Conv1d(C, d, 1, groups=g)
+        self.conv_out = nn.Conv1d(C, C_in, 1, groups=g)
+        if d_cond:
+            self.c_mlp = nn.Sequential(nn.Linear(d_cond, C // 4), nn.SiLU(), nn.Linear(C // 4, C // 4))
 
-    def forward(self, z, t):                                   # z (B,d,T), t (B,) int -> eps_hat (B,d,T)
+    def forward(self, z, t, c=None, extra=None):               # z (B,d,T), t (B,) int -> eps_hat (B,d,T)
         e = self.t_mlp(timestep_embedding(t))                  # (B,C/4)
-        h = self.conv_in(z)                                    # (B,C,T)
+        if c is not None:
+            e = e + self.c_mlp(c)                              # e = e_t + e_c
+        h = self.conv_in(z if extra is None else torch.cat([z, extra], 1))  # (B,d+d_extra,T) -> (B,C,T)
         for blk in self.blocks:
             h = blk(h, e)
         sh, sc = self.ada_out(F.gelu(e))[..., None].chunk(2, dim=1)  # (B,2C,1) -> 2 x (B,C,1)
-        return self.conv_out(h * (1 + sc) + sh)
+        return self.conv_out(h * (1 + sc) + sh)[:, :self.d]   # (B,C,T) -> (B,d+d_extra,T) -> (B,d,T)
 
 
 class DDPM(nn.Module):
@@ -442,11 +629,15 @@ class DDPM(nn.Module):
         ab = self.alpha_bar[t][:, None, None]
         return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
-    def loss(self, model, x0):
-        """Alg. 1: t ~ U{0..T-1} per sample, eps ~ N(0,I), || eps - eps_theta(x_t, t) ||^2 (mean)."""
-        t = torch.randint(0, len(self.beta), (len(x0),), device=x0.device)
-        eps = torch.randn_like(x0)
-        return F.mse_loss(model(self.q_sample(x0, t, eps), t), eps)
+    def loss(self, model, x0, mask=None, **cond):
+        """Alg. 1: t ~ U{0..T-1} per sample, eps ~ N(0,I), loss || eps - eps_theta(x_t, t, cond) ||^2, averaged
+        over the latent entries (only over valid bins, mask (B,1,T) = 1, when a padding mask is given)."""
+        t = torch.randint(0, len(self.beta), (len(x0),)).to(x0.device)
+        eps = torch.randn(x0.shape).to(x0.device)
+        eps_hat = model(self.q_sample(x0, t, eps), t, **cond)
+        if mask is None:
+            return F.mse_loss(eps_hat, eps)
+        return ((eps_hat - eps) ** 2 * mask).sum() / (mask.sum() * x0.shape[1])
 
     @staticmethod
     def q_posterior_mean(x0, xt, ab, ab_prev):
@@ -470,16 +661,18 @@ class DDPM(nn.Module):
         return ts, self.alpha_bar[ts]
 
     @torch.no_grad()
-    def sample(self, model, shape, K, eta):
-        """Start from x_T ~ N(0,I) and step through the K respaced timesteps (K = 1000, eta = 1: official sampler).
+    def sample(self, model, shape, K, eta, **cond):
+        """Start from x_T ~ N(0,I) and step through the K respaced timesteps (K = 1000, eta = 1: official sampler);
+        cond (c=..., extra=...) is given to the model at every step.
         NOTE (deviation, demo default): fewer steps than 1000, correctly respaced (diffusers 0.3.0's strided
-        sampler is wrong, spec 3.3)."""
+        sampler is wrong)."""
         ts, abar = self.respaced(K)
-        x = torch.randn(shape, device=self.beta.device)
+        x = torch.randn(shape).to(self.beta.device)
         for i in reversed(range(len(ts))):
             ab, ab_prev = abar[i], abar[i - 1] if i > 0 else torch.ones((), device=x.device)
-            mean, var = self.p_step(x, model(x, ts[i].expand(shape[0])), ab, ab_prev, eta)
-            x = mean + var.sqrt() * torch.randn_like(x) if i > 0 else mean  # no noise at the last step
+            eps_hat = model(x, ts[i].expand(shape[0]).to(x.device), **cond)
+            mean, var = self.p_step(x, eps_hat, ab, ab_prev, eta)
+            x = mean + var.sqrt() * torch.randn(x.shape).to(x.device) if i > 0 else mean  # no noise at the end
         return x
 
 
@@ -503,16 +696,25 @@ class EMA:
 # -----------------------------------------------------------------------------
 # Training: AdamW, gradient clipping, linear warmup + cosine (standard PyTorch from here)
 # -----------------------------------------------------------------------------
-def fit(model, loss_fn, n_items, batch, steps, lr, clip, name, ema=None):
-    """AdamW(lr, wd 0.01), clip grad-norm, warmup 5% then cosine with the horizon at 1.3x the real step count
-    (diffusers get_cosine_schedule_with_warmup as used by LDNS: lr ends at ~13% of peak). Shuffled epochs."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+def warmup_cosine(k, steps):
+    """lr multiplier at optimiser step k = 0, 1, ... (diffusers get_cosine_schedule_with_warmup as LDNS calls it):
+    linear warmup over the first 5% of the steps (official: 10 of 200 AE epochs, 50 of 1000 denoiser epochs), then
+    0.5 (1 + cos(pi progress)) with the horizon at 1.3x the real step count, so the lr ends at ~13% of its peak."""
     warm, horizon = max(1, steps // 20), 1.3 * steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: k / warm if k < warm else
-                                              0.5 * (1 + math.cos(math.pi * (k - warm) / (horizon - warm))))
-    prog, perm, pos = Progress(name, steps, every=max(1, steps // 20)), torch.randperm(n_items), 0
+    if k < warm:
+        return k / warm
+    return 0.5 * (1 + math.cos(math.pi * (k - warm) / (horizon - warm)))
+
+
+def fit(model, loss_fn, n_items, *, steps, batch, lr, clip, name, ema=None):
+    """AdamW(lr, weight decay 0.01), grad-norm clipping, warmup_cosine, shuffled epochs over n_items training items.
+    loss_fn(idx) returns the loss of the items idx; the EMA, if given, is updated after every step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    prog, perm, pos = Progress(name, steps), torch.randperm(n_items), 0
     batch = min(batch, n_items)
     for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr * warmup_cosine(step - 1, steps)
         if pos + batch > n_items:
             perm, pos = torch.randperm(n_items), 0
         loss = loss_fn(perm[pos:pos + batch])
@@ -521,10 +723,11 @@ def fit(model, loss_fn, n_items, batch, steps, lr, clip, name, ema=None):
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-        sched.step()
         if ema is not None:
             ema.update(model)
-        prog(step, loss=loss.item(), lr=sched.get_last_lr()[0])
+        check_finite(loss.item(), name, step, "a learning rate too high for this data, or counts far outside the "
+                     "demo's range (re-bin your spikes)")
+        prog(step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
     return model
 
 
@@ -534,17 +737,117 @@ def batched(fn, x, bs=256):
     return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)])
 
 
-@torch.no_grad()
-def generate(ddpm, model, ae, mu, sigma, n, d, T, K, eta, chunk=700):
-    """Generation: noise -> DDPM -> un-normalise z = z~ sigma + mu -> decode -> rates -> Poisson spikes."""
-    z = torch.cat([ddpm.sample(model, (min(chunk, n - i), d, T), K, eta) for i in range(0, n, chunk)])
-    z = z * sigma + mu                                         # (n,d,T)
-    rates = batched(ae.decode, z)                              # (n,N,T)
-    return z, rates, torch.poisson(rates)
+def train_autoencoder(cfg, x_tr):
+    """Stage 1 (train_autoencoder_Lorenz.ipynb): the S4 autoencoder with coordinated dropout, clip 2.0.
+    x_tr (K,N,T) training spikes -> the trained AE in eval mode."""
+    ae = AutoEncoder(x_tr.shape[1], cfg.ae_channels, cfg.d_latent, cfg.ae_blocks, cfg.d_state).to(x_tr.device)
+    print(f"[autoencoder] {sum(p.numel() for p in ae.parameters()):,} parameters")
+    fit(ae, lambda idx: ae_loss(ae, x_tr[idx], cfg), len(x_tr), steps=cfg.ae_steps, batch=cfg.ae_batch,
+        lr=cfg.ae_lr, clip=2.0, name="AE")
+    return ae.eval()
+
+
+def latent_stats(z_tr):
+    """Latent normalisation (official LatentDataset): per-channel mean and unbiased std over training trials and
+    time. z_tr (K,d,T) -> mu, sigma, each (1,d,1)."""
+    return z_tr.mean((0, 2), keepdim=True), z_tr.std((0, 2), keepdim=True)
+
+
+def train_denoiser(cfg, zn_tr):
+    """Stage 2 (train_diffusion_Lorenz.ipynb): DDPM on the normalised, clamped training latents zn_tr (K,d,T);
+    clip 1.0, EMA of the weights. Returns (ddpm, EMA denoiser)."""
+    ddpm = DDPM(cfg.n_diffusion).to(zn_tr.device)
+    dn = Denoiser(cfg.d_latent, cfg.dn_channels, cfg.dn_blocks, cfg.d_state).to(zn_tr.device)
+    ema = EMA(dn)
+    print(f"[diffusion] denoiser {sum(p.numel() for p in dn.parameters()):,} parameters")
+    fit(dn, lambda idx: ddpm.loss(dn, zn_tr[idx]), len(zn_tr), steps=cfg.dn_steps, batch=cfg.dn_batch,
+        lr=cfg.dn_lr, clip=1.0, name="DDPM", ema=ema)
+    return ddpm, ema.model
 
 
 # -----------------------------------------------------------------------------
-# Evaluation (spec 7): population spike count, pairwise correlations, ISI statistics, AE and latent quality
+# Spike-history observation model (Sec. 3.3; train_spike_history_monkey.ipynb)
+# -----------------------------------------------------------------------------
+class SpikeHistoryGLM(nn.Module):
+    """Per-neuron autoregressive Poisson GLM with a softplus link, no coupling between neurons:
+    r_{n,t} = softplus( sum_{k=1..H} w_{n,k} s_{n,t-k} + w_{n,H+1} log lambda_{n,t} + w_{n,H+2} ),
+    lambda the latent model's rate. The decoder of LDNS is pointwise in time, so this is what adds single-neuron
+    dynamics such as refractoriness. Weights ~ N(0, 1) as official."""
+
+    def __init__(self, N, H=20):
+        super().__init__()
+        self.H = H
+        self.w = nn.Parameter(torch.randn(N, H + 2))           # (N, H+2): history, log-rate gain, bias
+
+    def rate(self, hist, log_lam):
+        """One bin: hist (B,N,H) with hist[..., k-1] = s_{t-k}, log_lam (B,N) -> r (B,N)."""
+        H = self.H
+        return F.softplus((hist * self.w[:, :H]).sum(-1) + self.w[:, H] * log_lam + self.w[:, H + 1])
+
+    def forward(self, s, log_lam):
+        """Teacher-forced rates of bins t = H..T-1 from the observed history: s, log_lam (B,N,T) -> (B,N,T-H).
+        sum_k w_{n,k} s_{n,t-k} is a per-neuron (grouped) convolution with the flipped history weights."""
+        H, N = self.H, s.shape[1]
+        hist = F.conv1d(s, self.w[:, :H].flip(-1)[:, None], groups=N)[..., :-1]  # (B,N,T-H+1) -> (B,N,T-H)
+        return F.softplus(hist + self.w[:, H, None] * log_lam[..., H:] + self.w[:, H + 1, None])
+
+    @torch.no_grad()
+    def sample(self, lam, cap=5):
+        """From a zero history, bin by bin: r_t = rate(history, log lambda_t), s_t = min(Poisson(r_t), cap).
+        lam (B,N,T) -> spikes (B,N,T); vectorised over trials and neurons, one loop over time."""
+        B, N, T = lam.shape
+        log_lam = lam.clamp(min=1e-8).log()                    # NOTE (choice): floor so that log(0) stays finite
+        hist, out = torch.zeros(B, N, self.H, device=lam.device), []
+        for t in range(T):
+            s_t = torch.poisson(self.rate(hist, log_lam[..., t]).cpu()).clamp(max=cap).to(lam.device)  # (B,N)
+            hist = torch.cat([s_t[..., None], hist[..., :-1]], -1)  # s_t becomes s_{(t+1)-1}
+            out.append(s_t)
+        return torch.stack(out, -1)                            # T x (B,N) -> (B,N,T)
+
+
+def fit_spike_history(cfg, s_tr, lam_tr):
+    """Stage 3, after the AE and the denoiser (both frozen): targets are the training spikes capped at sh_cap,
+    lambda the AE-reconstructed rates of the same trials; the first H bins serve only as history. Full-batch
+    AdamW(lr 0.1, weight decay 0.01), Poisson NLL (log_input=False, full=True). s_tr, lam_tr (K,N,T)."""
+    H = cfg.sh_bins
+    if s_tr.shape[-1] <= H:
+        raise ValueError(f"--sh-bins: expected fewer history bins than the {s_tr.shape[-1]} bins per trial, found {H}")
+    glm = SpikeHistoryGLM(s_tr.shape[1], H).to(s_tr.device)
+    opt = torch.optim.AdamW(glm.parameters(), lr=cfg.sh_lr, weight_decay=0.01)
+    s, log_lam = s_tr.clamp(max=cfg.sh_cap), lam_tr.clamp(min=1e-8).log()
+    prog = Progress("spike history", cfg.sh_epochs)
+    for epoch in range(1, cfg.sh_epochs + 1):
+        loss = F.poisson_nll_loss(glm(s, log_lam), s[..., H:], log_input=False, full=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        check_finite(loss.item(), "spike-history GLM", epoch, "a learning rate too high (--sh-lr)")
+        prog(epoch, loss=loss.item())
+    return glm.eval()
+
+
+# -----------------------------------------------------------------------------
+# Generation: noise -> DDPM -> un-normalise -> decode -> Poisson (or spike history)
+# -----------------------------------------------------------------------------
+@torch.no_grad()
+def generate(cfg, ddpm, dn, ae, mu, sigma, T, glm=None, chunk=700):
+    """cfg.n_gen trials: z~ from the sampler, z = z~ sigma + mu, rates = decode(z), spikes ~ Poisson(rates); with the
+    spike-history model also its spikes from the same rates. Plus cfg.n_long latents at 16x the training length."""
+    n, d = cfg.n_gen, cfg.d_latent
+    print(f"[sampling] {n} trials, {cfg.sample_steps} steps (eta {cfg.eta}) + {cfg.n_long} at {16 * T} bins")
+    z = torch.cat([ddpm.sample(dn, (min(chunk, n - i), d, T), cfg.sample_steps, cfg.eta) for i in range(0, n, chunk)])
+    z = z * sigma + mu                                         # (n,d,T)
+    rates = batched(ae.decode, z)                              # (n,N,T)
+    out = dict(z=z, rates=rates, spikes=torch.poisson(rates.cpu()))
+    out["z_long"] = ddpm.sample(dn, (cfg.n_long, d, 16 * T), cfg.sample_steps, cfg.eta) * sigma + mu
+    if glm is not None:
+        out["spikes_plain"] = out["spikes"]
+        out["spikes"] = glm.sample(rates, cfg.sh_cap).cpu()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Evaluation (eval_utils.py, plotting notebooks): population spike count, correlations, ISIs, autocorrelograms
 # -----------------------------------------------------------------------------
 def isi_stats(s):
     """Per-neuron mean and std of inter-spike intervals (bins), pooled over trials, within trials only. c spikes in
@@ -595,9 +898,10 @@ def rmse(a, b):
 
 
 def compare(model, data):
-    """Model vs data statistics (spec 7): KL(model||data) of the PSC KDEs on the shared grid 0..max, Pearson r of
+    """Model vs data statistics (eval_utils.py): KL(model||data) of the PSC KDEs on the shared grid 0..max, Pearson r of
     the KDE densities; r and RMSE over unique neuron pairs of the correlations and over neurons of the mean rate,
-    mean ISI and std ISI. NOTE (choice): KDE densities floored at 1e-12 so the KL stays finite (spec pitfall 14);
+    mean ISI and std ISI. NOTE (choice): KDE densities floored at 1e-12 so the KL stays finite when a sample's
+    counts leave the data's range;
     correlation RMSE over unique pairs (official divides by all N^2 entries incl. the zeroed upper triangle)."""
     grid = np.arange(max(model["psc"].max(), data["psc"].max()) + 1)
     p, q = kde_on_grid(model["psc"], grid), kde_on_grid(data["psc"], grid)
@@ -609,9 +913,21 @@ def compare(model, data):
     return out
 
 
+def latent_map(z, x):
+    """Least-squares linear map (with intercept) from latents z (K,d,T) to the true Lorenz states x (K,3,T).
+    Returns project(z') -> (K',3,T'), the latents written in Lorenz coordinates."""
+    def rows(a):
+        return a.transpose(0, 2, 1).reshape(-1, a.shape[1])   # (K,c,T) -> (K*T, c)
+    W = np.linalg.lstsq(np.c_[rows(z), np.ones(z.shape[0] * z.shape[2])], rows(x), rcond=None)[0]  # (d+1, 3)
+
+    def project(zz):
+        return (np.einsum("kdt,de->ket", zz, W[:-1]) + W[-1][None, :, None]).astype(np.float32)
+    return project
+
+
 def latent_r2(z_tr, x_tr, z_te, x_te):
-    """Latent recovery: least-squares linear map (with intercept) from AE latents z (K,d,T) to the true Lorenz
-    states x (K,3,T), fit on train trials; R^2 = 1 - SSE/SST on held-out trials (pooled over the 3 states)."""
+    """Latent recovery: the linear map fit on training trials; R^2 = 1 - SSE/SST on held-out trials (pooled over
+    the 3 states)."""
     def rows(a):
         return a.transpose(0, 2, 1).reshape(-1, a.shape[1])   # (K,c,T) -> (K*T, c)
     Z_tr, Z_te = (np.c_[rows(z), np.ones(z.shape[0] * z.shape[2])] for z in (z_tr, z_te))
@@ -627,14 +943,94 @@ def latent_psd(z):
     return np.abs(np.fft.rfft((z - z.mean(-1, keepdims=True)) * w, axis=-1)) ** 2 / (w ** 2).sum()
 
 
+def lag_ratios(s, L=10):
+    """rho_l = P(spike at t+l | spike at t) / P(spike), l = 1..L, pooled over neurons and trials:
+    rho_l = sum_n sum_{k,t} s_{n,t} s_{n,t+l} / sum_n p_n sum_{k,t} s_{n,t}, with p_n the neuron's mean count per bin
+    (1 for a Poisson process with a constant rate, < 1 for refractoriness). s (K,N,T) -> (L,)"""
+    s = s.astype(np.float64)
+    p = s.mean((0, 2))                                         # (N,)
+    return np.array([(s[..., :-l] * s[..., l:]).sum() / (p * s[..., :-l].sum((0, 2))).sum() for l in range(1, L + 1)])
+
+
+def group_acg(s, groups, L=10):
+    """Group auto-correlograms (official plotting notebooks): per trial and neuron the temporal mean is removed,
+    c_l = sum_t x_t x_{t+l} / T, averaged over trials and over the neurons of each group. -> (n_groups, L)"""
+    x = s - s.mean(-1, keepdims=True)                          # (K,N,T)
+    c = np.stack([(x[..., :-l] * x[..., l:]).sum(-1).mean(0) for l in range(1, L + 1)], -1) / s.shape[-1]  # (N,L)
+    return np.stack([c[g].mean(0) for g in groups])
+
+
+def acg_groups(corr, n_groups=4):
+    """Neurons sorted by sum_j corr_ij^2 of the data (diagonal zeroed), cut into n_groups groups (official).
+    NOTE (choice): descending order, most correlated neurons first."""
+    c2 = np.nan_to_num(corr) ** 2
+    np.fill_diagonal(c2, 0)
+    return np.array_split(np.argsort(-c2.sum(1)), n_groups)
+
+
+def evaluate(cfg, data, x, z_all, rates_hat, mu, sigma, gen):
+    """Every metric of the run, computed from the samples it generated: generated vs real (training) trials, the AE
+    reconstruction vs real, real vs real (two disjoint halves: the noise floor), the AE on test trials, latent
+    recovery, sampling diagnostics; with spike history also LDNS alone and the autocorrelograms."""
+    print("[evaluation]")
+    tr, te = data["train"], data["test"]
+    real, gen_s = data["spikes"][tr], gen["spikes"].cpu().numpy().astype(np.int64)
+    ae_rec = torch.poisson(rates_hat[tr].cpu()).numpy().astype(np.int64)
+    st_real, st_gen = spike_stats(real), spike_stats(gen_s)
+    h = len(tr) // 2
+    res = {"data/n_real": len(real), "data/n_generated": len(gen_s), "data/mean_count": float(real.mean())}
+    st_half = spike_stats(real[h:])                            # reference half for the size-matched rows
+    rows = {"gen_vs_real": (st_gen, st_real), "ae_vs_real": (spike_stats(ae_rec), st_real),
+            "real_vs_real": (spike_stats(real[:h]), st_half),          # noise floor: two disjoint halves
+            "gen_vs_real_half": (spike_stats(gen_s[:h]), st_half)}     # same sizes as the floor
+    if "spikes_plain" in gen:
+        rows["plain_vs_real"] = (spike_stats(gen["spikes_plain"].cpu().numpy().astype(np.int64)), st_real)
+    for row, (a, b) in rows.items():
+        res.update({f"{row}/{k}": v for k, v in compare(a, b).items()})
+    res["ae/test_poisson_nll"] = float(F.poisson_nll_loss(rates_hat[te], x[te], log_input=False, full=True))
+    if "rates" in data:
+        res["ae/test_rate_mse"] = float(((rates_hat[te].cpu().numpy() - data["rates"][te]) ** 2).mean())
+    z_np = z_all.cpu().numpy()
+    if "latents" in data:
+        res["ae/latent_r2"] = latent_r2(z_np[tr], data["latents"][tr], z_np[te], data["latents"][te])
+    zn_gen = ((gen["z"] - mu) / sigma).cpu().numpy()
+    res["diffusion/sampled_latent_std_max"] = float(zn_gen.std((0, 2)).max())  # ~1 if sampling is stable
+    res["diffusion/sampled_latent_std_min"] = float(zn_gen.std((0, 2)).min())
+    res["diffusion/mean_rate_generated"] = float(gen["rates"].mean())
+    res["data/mean_rate_true"] = float(data["rates"][tr].mean()) if "rates" in data else float(real.mean())
+    if "spikes_plain" in gen:
+        res.update(autocorrelogram_metrics(real, gen["spikes_plain"].cpu().numpy(), gen_s, st_real["corr"]))
+    return res, dict(st_real=st_real, st_gen=st_gen)
+
+
+def autocorrelogram_metrics(real, plain, sh, corr, L=10):
+    """Lag ratios rho_1..rho_L and group autocorrelograms of the data, LDNS alone and LDNS + spike history, with
+    the relative error of rho_1 and rho_2 against the data."""
+    groups, res = acg_groups(corr), {}
+    for name, s in (("data", real), ("ldns", plain), ("ldns_sh", sh)):
+        rho = lag_ratios(s, L)
+        res[f"acg/{name}/lag_ratio"] = rho.tolist()
+        res[f"acg/{name}/group_acg"] = group_acg(s.astype(np.float64), groups, L).tolist()
+        res[f"acg/{name}/lag1_ratio"], res[f"acg/{name}/lag2_ratio"] = float(rho[0]), float(rho[1])
+    for name in ("ldns", "ldns_sh"):
+        for lag in (1, 2):
+            d = res[f"acg/data/lag{lag}_ratio"]
+            res[f"acg/{name}/lag{lag}_rel_error"] = abs(res[f"acg/{name}/lag{lag}_ratio"] - d) / d
+    return res
+
+
 # -----------------------------------------------------------------------------
-# Figures (spec 12, items 1-5); matplotlib is imported here only
+# Figures (plotting_diffusion_Lorenz.ipynb, paper Fig. 2); matplotlib is imported here only
 # -----------------------------------------------------------------------------
-def make_figures(fig_dir, data, ex, rates_hat, z_ae, z_gen, z_long, st_real, st_gen, res, dims):
+def make_figures(fig_dir, data, run, res):
+    """1_data, 2_ae_fit, 3_latents_3d, 4_latent_psd, 5_stats (and 6_autocorrelograms with spike history).
+    run: numpy arrays of the run (rates_hat, z_ae of test trials, z_gen, z_long, project, st_real, st_gen, ...)."""
     from matplotlib.figure import Figure
-    s, N = data["spikes"][ex], data["spikes"].shape[1]
+    ex, N = data["test"][0], data["spikes"].shape[1]
+    s = data["spikes"][ex]
     # 1. data panel: true latents, true rates, spike raster of one held-out trial
     panels = [k for k in ("latents", "rates") if k in data] + ["spikes"]
+    titles = {"latents": "Lorenz latents (z-scored)", "rates": "true rates", "spikes": "spikes"}
     fig = Figure(figsize=(10, 2.6 * len(panels)))
     for i, k in enumerate(panels):
         ax = fig.add_subplot(len(panels), 1, i + 1)
@@ -642,50 +1038,63 @@ def make_figures(fig_dir, data, ex, rates_hat, z_ae, z_gen, z_long, st_real, st_
             ax.plot(data["latents"][ex].T)
         else:
             ax.imshow(data[k][ex], aspect="auto", cmap="Greys", interpolation="nearest")
-        ax.set_title({"latents": "Lorenz latents (z-scored)", "rates": "true rates", "spikes": "spikes"}[k])
-    fig.tight_layout(); fig.savefig(os.path.join(fig_dir, "1_data.png"), dpi=90)
+        ax.set(title=titles[k], xlabel="time bin", ylabel="state" if k == "latents" else "neuron")
+    save_figure(fig, os.path.join(fig_dir, "1_data.png"))
     # 2. AE fit: predicted rates over the spikes for 4 neurons
     fig = Figure(figsize=(10, 6))
     for i, n in enumerate(sorted({0, N // 4, N // 2, N - 1})):
         ax = fig.add_subplot(4, 1, i + 1)
         ax.vlines(np.nonzero(s[n])[0], 0, s[n][s[n] > 0], color="0.6", label="spikes")
-        ax.plot(rates_hat[ex, n], "C1", label="AE rate")
+        ax.plot(run["rates_hat"][ex, n], "C1", label="AE rate")
         if "rates" in data:
             ax.plot(data["rates"][ex, n], "k--", lw=1, label="true rate")
         ax.set_ylabel(f"neuron {n}")
+    ax.set_xlabel("time bin")
     ax.legend(loc="upper right", fontsize=7)
     fig.suptitle(f"AE on a held-out trial; test rate MSE {res.get('ae/test_rate_mse', float('nan')):.4f}")
-    fig.tight_layout(); fig.savefig(os.path.join(fig_dir, "2_ae_fit.png"), dpi=90)
-    # 3. 3-d latent trajectories: AE vs diffusion, and one 16x-length diffusion sample
+    save_figure(fig, os.path.join(fig_dir, "2_ae_fit.png"))
+    # 3. latent trajectories in Lorenz coordinates (the latent-recovery map; raw channels for own data)
     fig = Figure(figsize=(13, 4.3))
-    for i, (z, title) in enumerate([(z_ae[:8], "AE latents"), (z_gen[:8], "diffusion latents"),
-                                    (z_long[:1], f"diffusion, 16x length ({z_long.shape[-1]} bins)")]):
+    sets = [(run["z_ae"][:8], "AE latents"), (run["z_gen"][:8], "diffusion samples"),
+            (run["z_long"][:1], f"diffusion, 16x length ({run['z_long'].shape[-1]} bins)")]
+    for i, (z, title) in enumerate(sets):
         ax = fig.add_subplot(1, 3, i + 1, projection="3d")
-        for zz in z:
-            ax.plot(*zz[list(dims)], lw=0.6)
-        ax.set_title(title + f", channels {dims}")
-    fig.tight_layout(); fig.savefig(os.path.join(fig_dir, "3_latents_3d.png"), dpi=90)
+        for zz in run["project"](z):
+            ax.plot(zz[0], zz[1], zz[2], lw=0.6)
+        ax.set(title=title, xlabel=run["axes"][0], ylabel=run["axes"][1], zlabel=run["axes"][2])
+    save_figure(fig, os.path.join(fig_dir, "3_latents_3d.png"))
     # 4. latent power spectra per channel: median and 25-75% band, AE vs diffusion
-    d = z_ae.shape[1]
+    d = run["z_ae"].shape[1]
     fig = Figure(figsize=(3 * min(d, 4), 2.5 * math.ceil(d / 4)))
     for c in range(d):
         ax = fig.add_subplot(math.ceil(d / 4), min(d, 4), c + 1)
-        for z, col, lab in ((z_ae, "k", "AE"), (z_gen, "C3", "LDNS")):
-            P = latent_psd(z[:, c])[:, 1:]                  # (K, F) without the DC bin
+        for z, col, lab in ((run["z_ae"], "k", "AE"), (run["z_gen"], "C3", "LDNS")):
+            P = latent_psd(z[:, c])[:, 1:]                      # (K, F) without the DC bin
             lo, med, hi = np.percentile(P, [25, 50, 75], axis=0)
             f = np.arange(1, P.shape[1] + 1) / z.shape[-1]
-            ax.loglog(f, med, col, label=lab); ax.fill_between(f, lo, hi, color=col, alpha=0.2)
-        ax.set_title(f"latent {c}", fontsize=8)
+            ax.loglog(f, med, col, label=lab)
+            ax.fill_between(f, lo, hi, color=col, alpha=0.2)
+        ax.set(title=f"latent {c}", xlabel="cycles per bin")
     ax.legend(fontsize=7)
-    fig.tight_layout(); fig.savefig(os.path.join(fig_dir, "4_latent_psd.png"), dpi=90)
-    # 5. 2x2 statistics panel: data vs LDNS with Pearson r
-    fig, il = Figure(figsize=(9, 8)), np.tril_indices(N, -1)
+    save_figure(fig, os.path.join(fig_dir, "4_latent_psd.png"))
+    # 5. 2x2 statistics panel: data vs generated, with Pearson r
+    stats_panel(fig_dir, run["st_real"], run["st_gen"], res, "LDNS + spike history" if "acg/data/lag1_ratio" in res
+                else "LDNS")
+    if "acg/data/lag1_ratio" in res:
+        acg_figure(fig_dir, res)
+
+
+def stats_panel(fig_dir, st_real, st_gen, res, label):
+    """Paper Fig. 2 statistics: population spike count histogram + KDE, pairwise correlations, mean and std ISI."""
+    from matplotlib.figure import Figure
+    fig, il = Figure(figsize=(9, 8)), np.tril_indices(len(st_real["rate"]), -1)
     grid = np.arange(max(st_real["psc"].max(), st_gen["psc"].max()) + 1)
     ax = fig.add_subplot(2, 2, 1)
-    for st, col, lab in ((st_real, "k", "data"), (st_gen, "C3", "LDNS")):
+    for st, col, lab in ((st_real, "k", "data"), (st_gen, "C3", label)):
         ax.hist(st["psc"], bins=50, density=True, color=col, alpha=0.25)
         ax.plot(grid, kde_on_grid(st["psc"], grid), col, label=lab)
-    ax.set(title=f"population spike count, r={res['gen_vs_real/r_psc']:.4f}", xlabel="spikes per bin")
+    ax.set(title=f"population spike count, r={res['gen_vs_real/r_psc']:.4f}", xlabel="spikes per bin",
+           ylabel="density")
     ax.legend()
     for i, (k, name) in enumerate((("corr", "pairwise correlation"), ("mean_isi", "mean ISI (bins)"),
                                    ("std_isi", "std ISI (bins)"))):
@@ -694,142 +1103,113 @@ def make_figures(fig_dir, data, ex, rates_hat, z_ae, z_gen, z_long, st_real, st_
         ax.scatter(a, b, s=4, alpha=0.5)
         lim = [np.nanmin([a, b]), np.nanmax([a, b])]
         ax.plot(lim, lim, "k--", lw=0.8)
-        ax.set(title=f"{name}, r={res['gen_vs_real/r_' + k]:.4f}", xlabel="data", ylabel="LDNS")
-    fig.tight_layout(); fig.savefig(os.path.join(fig_dir, "5_stats.png"), dpi=90)
+        ax.set(title=f"{name}, r={res['gen_vs_real/r_' + k]:.4f}", xlabel="data", ylabel=label)
+    save_figure(fig, os.path.join(fig_dir, "5_stats.png"))
+
+
+def acg_figure(fig_dir, res):
+    """Lag ratios and group auto-correlograms (official plotting notebooks): data, LDNS, LDNS + spike history."""
+    from matplotlib.figure import Figure
+    names = (("data", "k", "data"), ("ldns", "C0", "LDNS"), ("ldns_sh", "C3", "LDNS + spike history"))
+    G = len(res["acg/data/group_acg"])
+    fig = Figure(figsize=(3.2 * (G + 1), 3.2))
+    ax = fig.add_subplot(1, G + 1, 1)
+    for name, col, lab in names:
+        rho = res[f"acg/{name}/lag_ratio"]
+        ax.plot(range(1, len(rho) + 1), rho, col, marker=".", label=lab)
+    ax.axhline(1.0, color="0.7", lw=0.8)
+    ax.set(title="P(spike at t+l | spike at t) / P(spike)", xlabel="lag l (bins)", ylabel="ratio")
+    ax.legend(fontsize=7)
+    for g in range(G):
+        ax = fig.add_subplot(1, G + 1, g + 2)
+        for name, col, lab in names:
+            c = res[f"acg/{name}/group_acg"][g]
+            ax.plot(range(1, len(c) + 1), c, col, marker=".", label=lab)
+        ax.set(title=f"group {g + 1} auto-correlogram", xlabel="lag (bins)", ylabel="autocovariance")
+    save_figure(fig, os.path.join(fig_dir, "6_autocorrelograms.png"))
 
 
 # -----------------------------------------------------------------------------
-# CLI: parse -> data (validated) -> AE -> latents -> diffusion -> generate -> evaluate -> figures -> outputs
+# Outputs and the pipeline
 # -----------------------------------------------------------------------------
-def parse_args(argv=None) -> Config:
-    """argparse built from the Config fields; presets first, explicit flags override them."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Config):
-        kw = dict(type=type(f.default), default=None, help=f"(default: {f.default!r})")
-        if f.name in ("demo", "device"):
-            kw["choices"] = DEMOS if f.name == "demo" else ("auto", "cpu", "cuda", "mps")
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
-    p.add_argument("--quick", action="store_true", help="tiny preset, end to end in < 30 s on 2 CPU cores")
-    p.add_argument("--long", action="store_true", help="longer preset (~17-25 min on 2 cores), paper-level numbers")
-    a = p.parse_args(argv)
-    if a.quick and a.long:
-        p.error("--quick and --long exclude each other")
-    cfg = Config()
-    for name in ("quick", "long"):
-        if getattr(a, name):
-            cfg = dataclasses.replace(cfg, **PRESETS[name])
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in vars(a).items() if k not in PRESETS and v is not None})
-    for name in POSITIVE_FIELDS:
-        if getattr(cfg, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    if not 0 <= cfg.mask_p < 1 or cfg.eta < 0 or cfg.beta_lat < 0 or cfg.beta_td < 0:
-        p.error("--mask-p must be in [0, 1); --eta, --beta-lat and --beta-td must be >= 0")
-    if cfg.ae_channels % cfg.d_latent:
-        p.error(f"--ae-channels ({cfg.ae_channels}) must be divisible by --d-latent ({cfg.d_latent})")
-    if cfg.sample_steps > cfg.n_diffusion:
-        p.error(f"--sample-steps must be <= --n-diffusion ({cfg.n_diffusion}), got {cfg.sample_steps}")
-    cfg.out = cfg.out or os.path.join("runs", f"ldns_minimal-{'data' if cfg.data else cfg.demo}")
-    return cfg
+def write_outputs(cfg, data, ae, dn, mu, sigma, gen, run, res, clock):
+    """Figures, weights, samples.npz, timing.json, and metrics.json last (each file written atomically)."""
+    make_figures(os.path.join(cfg.out, "figures"), data, run, res)
+    save_atomic(os.path.join(cfg.out, "ae.pt"), lambda f: torch.save({k: v.cpu() for k, v in ae.state_dict().items()}, f))
+    weights = {**{k: v.cpu() for k, v in dn.state_dict().items()}, "latent_mu": mu.cpu(), "latent_sigma": sigma.cpu()}
+    save_atomic(os.path.join(cfg.out, "denoiser.pt"), lambda f: torch.save(weights, f))
+    samples = dict(real=data["spikes"][data["train"]], generated=gen["spikes"].cpu().numpy().astype(np.int64))
+    if "spikes_plain" in gen:
+        samples["generated_plain"] = gen["spikes_plain"].cpu().numpy().astype(np.int64)
+    dt = np.int16 if max(a.max() for a in samples.values()) < 2 ** 15 else np.int64
+    save_atomic(os.path.join(cfg.out, "samples.npz"),
+                lambda f: np.savez_compressed(f, **{k: v.astype(dt) for k, v in samples.items()}))
+    clock.lap("figures_and_outputs")
+    clock.times["total"] = round(sum(clock.times.values()), 2)
+    write_json(os.path.join(cfg.out, "timing.json"), clock.times)
+    write_json(os.path.join(cfg.out, "metrics.json"), res)    # last, atomically
 
 
-def main(argv=None) -> dict:
-    cfg = parse_args(argv)
+def setup(cfg):
+    """Threads, seeds and the device; a warning when the paper's scale is asked for on a CPU."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     device = get_device(cfg.device)
-    timing, t0 = {}, time.time()
+    if cfg.preset == "paper" and device.type == "cpu":
+        print(f"WARNING: --paper is the official scale ({cfg.n_trials} trials x {cfg.n_bins} bins, AE {cfg.ae_steps} "
+              f"steps and denoiser {cfg.dn_steps} steps of batch {cfg.ae_batch}, {cfg.n_gen} trials x "
+              f"{cfg.sample_steps} sampler steps): days on a CPU, hours on one GPU. Use --device cuda.")
+    return device
 
-    def lap(stage):
-        nonlocal t0
-        timing[stage], t0 = round(time.time() - t0, 2), time.time()
 
-    # 1) data: simulated with its own generator, or loaded and validated BEFORE anything is written or trained
-    rng = np.random.default_rng(cfg.seed)
-    print(f"[data] {'loading ' + cfg.data if cfg.data else 'simulating the Lorenz system'}")
-    data = load_spikes(cfg.data) if cfg.data else make_lorenz_data(cfg.n_trials, cfg.n_bins, cfg.n_neurons, rng)
-    K, N, T = data["spikes"].shape
-    tr, va, te = split_trials(K, rng)
-    print(f"  {K} trials x {N} neurons x {T} bins; train/val/test {len(tr)}/{len(va)}/{len(te)}; "
-          f"mean count {data['spikes'].mean():.3f} per bin")
-    os.makedirs(os.path.join(cfg.out, "figures"), exist_ok=True)
-    write_json_atomic(os.path.join(cfg.out, "config.json"), dict(
-        config=dataclasses.asdict(cfg), seed=cfg.seed, device=str(device), python=platform.python_version(),
-        torch=torch.__version__, numpy=np.__version__, platform=platform.platform(), threads=torch.get_num_threads()))
-    x = torch.tensor(data["spikes"], dtype=torch.float32, device=device)  # (K,N,T)
-    x_tr = x[tr]
-    lap("data")
-
-    # 2) autoencoder with coordinated dropout
-    ae = AutoEncoder(N, cfg.ae_channels, cfg.d_latent, cfg.ae_blocks, cfg.d_state).to(device)
-    print(f"[autoencoder] {sum(p.numel() for p in ae.parameters()):,} parameters")
-    fit(ae, lambda idx: ae_loss(ae, x_tr[idx], cfg), len(tr), cfg.ae_batch, cfg.ae_steps, cfg.ae_lr, 2.0, "AE")
-    ae.eval()
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    device, clock = setup(cfg), Stopwatch()
+    data = make_data(cfg)                                      # validated before anything is written
+    prepare_out(cfg.out)
+    write_json(os.path.join(cfg.out, "config.json"), run_info(cfg, device))
+    x = torch.tensor(data["spikes"], dtype=torch.float32).to(device)  # (K,N,T)
+    tr, T = data["train"], x.shape[-1]
+    clock.lap("data")
+    ae = train_autoencoder(cfg, x[tr])                         # 1) autoencoder with coordinated dropout
     z_all = batched(ae.encode, x)                              # (K,d,T), raw spikes in, no mask
     rates_hat = batched(ae.decode, z_all)                      # (K,N,T)
-    lap("autoencoder")
-
-    # 3) latent diffusion on train latents normalised with train statistics, clamped to [-5, 5] (spec 3.1)
-    z_tr = z_all[tr]
-    mu, sigma = z_tr.mean((0, 2), keepdim=True), z_tr.std((0, 2), keepdim=True)  # (1,d,1) each, unbiased std
-    zn_tr = ((z_tr - mu) / sigma).clamp(-5, 5)
-    ddpm = DDPM(cfg.n_diffusion).to(device)
-    dn = Denoiser(cfg.d_latent, cfg.dn_channels, cfg.dn_blocks, cfg.d_state).to(device)
-    ema = EMA(dn)
-    print(f"[diffusion] denoiser {sum(p.numel() for p in dn.parameters()):,} parameters")
-    fit(dn, lambda idx: ddpm.loss(dn, zn_tr[idx]), len(tr), cfg.dn_batch, cfg.dn_steps, cfg.dn_lr, 1.0, "DDPM", ema)
-    lap("diffusion_train")
-
-    # 4) generation with the EMA weights (n_gen trials), plus a few 16x-length samples
-    n_gen = cfg.n_gen
-    print(f"[sampling] {n_gen} trials, {cfg.sample_steps} steps (eta {cfg.eta}) + {cfg.n_long} at {16 * T} bins")
-    z_gen, rates_gen, s_gen = generate(ddpm, ema.model, ae, mu, sigma, n_gen, cfg.d_latent, T, cfg.sample_steps,
-                                       cfg.eta)
-    z_long = ddpm.sample(ema.model, (cfg.n_long, cfg.d_latent, 16 * T), cfg.sample_steps, cfg.eta) * sigma + mu
-    lap("sampling")
-
-    # 5) evaluation: generated vs real (train) trials; AE reconstruction vs real; real vs real (two halves)
-    print("[evaluation]")
-    npy = lambda t: t.cpu().numpy()
-    real, gen = data["spikes"][tr], npy(s_gen).astype(np.int64)
-    ae_rec = npy(torch.poisson(rates_hat[tr])).astype(np.int64)
-    st_real, st_gen = spike_stats(real), spike_stats(gen)
-    h = len(tr) // 2
-    res = {"data/n_real": len(real), "data/n_generated": len(gen), "data/mean_count": float(real.mean())}
-    st_half = spike_stats(real[h:])                            # reference half for the size-matched rows
-    for row, (a, b) in {"gen_vs_real": (st_gen, st_real), "ae_vs_real": (spike_stats(ae_rec), st_real),
-                        "real_vs_real": (spike_stats(real[:h]), st_half),     # noise floor: two disjoint halves
-                        "gen_vs_real_half": (spike_stats(gen[:h]), st_half)}.items():  # same sizes as the floor
-        res.update({f"{row}/{k}": v for k, v in compare(a, b).items()})
-    res["ae/test_poisson_nll"] = float(F.poisson_nll_loss(rates_hat[te], x[te], log_input=False, full=True))
-    if "rates" in data:
-        res["ae/test_rate_mse"] = float(((npy(rates_hat[te]) - data["rates"][te]) ** 2).mean())
-    if "latents" in data:
-        res["ae/latent_r2"] = latent_r2(npy(z_all[tr]), data["latents"][tr], npy(z_all[te]), data["latents"][te])
-    zn_gen = npy((z_gen - mu) / sigma)
-    res["diffusion/sampled_latent_std_max"] = float(zn_gen.std((0, 2)).max())  # ~1 if sampling is stable
-    res["diffusion/sampled_latent_std_min"] = float(zn_gen.std((0, 2)).min())
-    res["diffusion/mean_rate_generated"] = float(rates_gen.mean())
-    res["data/mean_rate_true"] = float(data["rates"][tr].mean()) if "rates" in data else float(real.mean())
-    lap("evaluation")
-
-    dims = (1, 5, 3) if cfg.d_latent >= 6 else tuple(range(min(3, cfg.d_latent)))
-    make_figures(os.path.join(cfg.out, "figures"), {k: v for k, v in data.items()}, te[0], npy(rates_hat),
-                 npy(z_all[te]), npy(z_gen), npy(z_long), st_real, st_gen, res, dims)
-    torch.save(ae.state_dict(), os.path.join(cfg.out, "ae.pt"))
-    torch.save({**ema.model.state_dict(), "latent_mu": mu, "latent_sigma": sigma}, os.path.join(cfg.out, "denoiser.pt"))
-    dt = np.int16 if max(real.max(), gen.max()) < 2 ** 15 else np.int64
-    np.savez_compressed(os.path.join(cfg.out, "samples.npz"), real=real.astype(dt), generated=gen.astype(dt))
-    lap("figures_and_outputs")
-    timing["total"] = round(sum(timing.values()), 2)
-    write_json_atomic(os.path.join(cfg.out, "timing.json"), timing)
-    write_json_atomic(os.path.join(cfg.out, "metrics.json"), res)  # last, atomically
+    clock.lap("autoencoder")
+    mu, sigma = latent_stats(z_all[tr])                        # 2) latent diffusion on normalised latents
+    ddpm, dn = train_denoiser(cfg, ((z_all[tr] - mu) / sigma).clamp(-5, 5))  # clamp to [-5, 5] (official Lorenz)
+    clock.lap("diffusion_train")
+    glm = None
+    if cfg.spike_history:                                      # 3) the spike-history observation model
+        glm = fit_spike_history(cfg, x[tr], rates_hat[tr])
+        clock.lap("spike_history")
+    gen = generate(cfg, ddpm, dn, ae, mu, sigma, T, glm)      # 4) new trials
+    clock.lap("sampling")
+    res, run = evaluate(cfg, data, x, z_all, rates_hat, mu, sigma, gen)  # 5) statistics vs the real trials
+    clock.lap("evaluation")
+    run.update(rates_hat=rates_hat.cpu().numpy(), z_ae=z_all[data["test"]].cpu().numpy(),
+               z_gen=gen["z"].cpu().numpy(), z_long=gen["z_long"].cpu().numpy(), **latent_axes(data, z_all.cpu()))
+    write_outputs(cfg, data, ae, dn, mu, sigma, gen, run, res, clock)
     print("\nmetric" + " " * 36 + "value")
     for k, v in res.items():
-        print(f"  {k:<40} {v:.4g}" if isinstance(v, float) else f"  {k:<40} {v}")
-    print(f"time per stage (s): {timing}\noutputs in {cfg.out}")
+        if not isinstance(v, list):
+            print(f"  {k:<40} {v:.4g}" if isinstance(v, float) else f"  {k:<40} {v}")
+    print(f"time per stage (s): {clock.times}\noutputs in {cfg.out}")
     return res
 
 
+def latent_axes(data, z_all):
+    """How figure 3 draws latents: in Lorenz coordinates through the latent-recovery map fit on training trials,
+    or, for own data, as three raw latent channels."""
+    if "latents" in data:
+        return dict(project=latent_map(z_all[data["train"]].cpu().numpy(), data["latents"][data["train"]]),
+                    axes=("Lorenz x", "Lorenz y", "Lorenz z"))
+    dims = [1, 5, 3] if z_all.shape[1] >= 6 else list(range(min(3, z_all.shape[1]))) * 3
+    return dict(project=lambda z: z[:, dims[:3]], axes=tuple(f"latent {c}" for c in dims[:3]))
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FloatingPointError) as e:  # bad input or a diverged run: one sentence, exit status 1
+        sys.exit(f"error: {e}")
