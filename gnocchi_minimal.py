@@ -1,29 +1,36 @@
 """GNOCCHI: diffusion-generated neural activity from disentangled info codes, in one file (torch + numpy only).
 
 McCart, Sedler, Versteeg, Mifsud, Rigotti-Thompson, Pandarinath, "Diffusion-Based Generation of Neural Activity from
-Disentangled Latent Codes" (2024), https://arxiv.org/abs/2407.21195, built on InfoDiffusion (Wang et al., ICML 2023,
-code: isjakewong/InfoDiffusion). Only GNOCCHI's abstract could be read: everything GNOCCHI-specific below is either
-InfoDiffusion's code (marked [C]) or a reasoned choice (`# NOTE (choice)`); CPU changes are `# NOTE (deviation)`.
+Disentangled Latent Codes" (2024), https://arxiv.org/abs/2407.21195, built on InfoDiffusion (Wang et al., ICML 2023;
+code github.com/isjakewong/InfoDiffusion). Only GNOCCHI's abstract could be read, so the method follows InfoDiffusion's
+code, cited by file: `models.py` (AuxiliaryUNet, Encoder, InfoDiff.loss_fn), `modules.py` (AuxResBlock, AttnBlock),
+`sampling.py` (DiffusionProcess), `utils.py` (compute_mmd, GradualWarmupScheduler) and `run.py` (defaults).
 
-Sections (paper / spec map):
-  Data         synthetic centre-out reaching on a 5x5 target grid, 3 interior targets held out (spec s3)
-  Model        info-code encoder c = f_phi(x0); 1-D temporal U-Net eps_theta(x_i, i, c) with AdaGN (spec s1.4-1.5)
-  Diffusion    x_i = sqrt(abar_i) x0 + sqrt(1-abar_i) eps; eps-prediction; DDIM sampler (spec s1.3, s1.6)
-  Objective    L = L_score + L_rec / T_diff + 0.1 MMD^2(c, N(0,I)), no per-sample KL (InfoDiffusion, zeta=1; s1.2)
-  Evaluation   code SNR, held-out target R^2, navigation c* = c_bar + W b*, generated PSTH R^2, decoded endpoints,
-               |cos(w_x, w_y)|, unwanted movement (spec s4)
-  Baselines    the same metrics for two latents with the same L: PCA of the rates, and an LFADS-like sequential VAE
-               whose code is its initial condition g0 (the paper's baseline, without LFADS's controller)
+Sections (paper -> code):
+  Data: centre-out reaches on a 5x5 grid, 3 interior targets held out; --data ....... make_data, load_data, prepare
+  Model: info-code encoder and AdaGN 1-D U-Net (models.py, modules.py) ............. Encoder, AuxResBlock, UNet1D
+  Diffusion and objective: L_score + L_rec / T_diff + 0.1 MMD^2(c, N(0, I)) ........ mmd, GNOCCHI, ddim_sample
+  Training: AdamW, clipping, gradual warmup to 2 lr then cosine (run.py) .......... lr_factor, train
+  Evaluation: code SNR, held-out R^2, navigation c* = c_bar + W b*, PSTH R^2, ... . latent_metrics, evaluate
+  Baselines with the same code size: PCA of the rates, an LFADS-like sequential VAE . pca_baseline, SeqVAE
+  Figures, outputs and the pipeline ............................................. make_figures, write_outputs, main
 Left out: the paper's RNN-controlled biomechanical arm (replaced by a random rate-RNN driven by minimum-jerk reaches),
-the monkey dataset, LFADS's inferred inputs and hyperparameter search, self-attention, reverse-DDIM editing.
+the monkey dataset, LFADS's inferred inputs and hyperparameter search, reverse-DDIM editing.
 
-Run:  python gnocchi_minimal.py               # --demo reach, 3:01-3:34 on 2 CPU cores (4:38-4:57 in slow VM periods)
-      python gnocchi_minimal.py --quick       # ~10 s smoke test
-Measured (seed 0, 2-core CPU; README table), GNOCCHI / PCA / LFADS-like: held-out target R^2 from codes
-0.867 / 0.830 / 0.896; |cos(w_x, w_y)| 0.045 / 0.247 / 0.008; generated held-out PSTH R^2 0.728 / 0.581 / 0.749;
-code SNR 1.9 / 23.5 / 3.7 (GNOCCHI's within-target code spread follows each trial's Poisson noise: R^2 0.62).
+Run (seed 0, measured on a 2-core x86-64 VM, CPU):
+  python gnocchi_minimal.py           # --demo reach, ~3.5 min: held-out target R^2 from codes 0.867 (PCA 0.830,
+                                      # LFADS-like 0.896), |cos(w_x, w_y)| 0.045, generated held-out PSTH R^2 0.728
+  python gnocchi_minimal.py --quick   # ~10 s: every stage on a toy problem (numbers meaningless)
+  python gnocchi_minimal.py --paper   # InfoDiffusion's scale (6.9M parameters, 20,000 steps): a GPU job
+  python gnocchi_minimal.py --data trials.npz   # your own trials, see load_data
+Outputs: config.json, metrics.json (last, atomic), timing.json, samples.npz, codes.npz, gnocchi.pt, figures/*.png.
 Shapes: B batch, N neurons, T time bins, C channels, L code dims, K samples, M trials. Tensors are channels-first
 (B, N, T): neurons are the U-Net's input channels, convolutions run over time.
+Markers: `NOTE (deviation)` differs from InfoDiffusion's code or the GNOCCHI paper (mostly CPU scale); `NOTE (choice)`
+a detail both leave open.
+Randomness: every random draw is made on the CPU (torch's global generator seeded by set_seed, a seeded CPU
+torch.Generator, or numpy's default_rng) and then moved to the device, so one seed gives the same draws on CPU, CUDA
+and MPS. Models are built on the CPU, then moved.
 """
 import argparse
 import dataclasses
@@ -32,9 +39,10 @@ import math
 import os
 import platform
 import random
-import tempfile
+import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -48,55 +56,89 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     demo: str = "reach"          # synthetic experiment
+    preset: str = ""             # set by parse_args to the named preset used (quick, paper)
     seed: int = 0
     device: str = "auto"         # auto | cpu | cuda | mps
-    out: str = ""                # output folder; "" -> runs/gnocchi_minimal-<demo>
-    data: str = ""               # your own .npz (see load_data); "" -> synthetic demo
+    out: str = ""                # output folder; "" -> runs/gnocchi_minimal-<demo> (or -data)
+    data: str = ""               # your own .npz / .npy (see load_data); "" -> synthetic demo
     threads: int = 0             # torch CPU threads; 0 -> torch default
-    n_neurons: int = 48          # N (spec s3.2 [I])
-    trials_per_target: int = 80  # 25 targets x 80 = 2000 trials (spec s3.2 [I])
-    smooth_bins: float = 1.5     # Gaussian sd (bins) used to smooth --data spikes (30 ms at 20 ms bins, spec s2)
-    # NOTE (choice): L 4 = 2 x the 2 behavioural factors (spec s5: L >= 2 x factors, proposes 8; InfoDiffusion 32).
-    # Measured (seed 0, 200 samples per PSTH): L 8 gives held-out R^2 0.860 (PCA-8 0.859) and PSTH R^2 0.64;
-    # L 4 gives 0.867 (PCA-4 0.830) and 0.73. Extra code dims mostly store nuisance (start, duration).
-    code_dim: int = 4            # L
-    # NOTE (deviation): CPU-sized U-Net, 2 levels of (C, 2C) channels with C 32 (InfoDiffusion: 64 base, 4 levels)
-    channels: int = 32           # C (spec s5)
-    dropout: float = 0.0         # NOTE (choice): InfoDiffusion uses 0.1 [C]; 0 gave better held-out codes here
-    # NOTE (deviation): T_diff 200 instead of InfoDiffusion's 1000 [C], with the linear betas rescaled so that
-    # sum(beta) = 5 and abar_T = 0.0067, the same end point as InfoDiffusion's 1e-5..1e-2 over 1000 steps (spec s1.3)
+    n_neurons: int = 48          # N
+    trials_per_target: int = 80  # 25 targets x 80 = 2000 trials
+    smooth_bins: float = 1.5     # Gaussian sd (bins) used to smooth --data spikes (30 ms at 20 ms bins)
+    code_dim: int = 4            # L. NOTE (choice): 2 x the 2 behavioural factors (InfoDiffusion's a_dim 32: --paper)
+    # NOTE (deviation): a CPU-sized U-Net: 2 levels (C, 2C) with C 32, one res-block per level, skips from the
+    # res-blocks only, GN(8), no attention (models.py AuxiliaryUNet: C 64, ch_mult (1,2,2,2), 2 res-blocks, GN(32),
+    # attention at level 2 and in the middle; --paper builds that)
+    channels: int = 32           # C (run.py --unets_channels)
+    ch_mult: str = "1,2"         # channel multiplier per U-Net level (models.py ch_mult)
+    res_blocks: int = 1          # AuxResBlocks per level on the way down (models.py num_res_blocks)
+    attention: bool = False      # self-attention in the level-2 blocks and the first middle block (attn=[2])
+    skip_all: bool = False       # AuxiliaryUNet's skips: head, every block and downsample; res_blocks + 1 up-blocks
+    groups: int = 8              # GroupNorm groups (InfoDiffusion: 32, which needs >= 32 channels)
+    dropout: float = 0.0         # NOTE (choice): none for the short CPU run (InfoDiffusion: 0.1, --paper)
+    # NOTE (deviation): T_diff 200 instead of 1000, with the linear betas rescaled so that sum(beta) = 5 and
+    # abar_T = 0.0067, the end point of InfoDiffusion's 1e-5..1e-2 over 1000 steps (run.py --beta1, --betaT)
     diff_steps: int = 200        # T_diff
     beta_1: float = 1e-4
     beta_T: float = 0.05
-    ddim_steps: int = 50         # strided deterministic DDIM steps at evaluation (spec s1.6 [I])
-    mmd_weight: float = 0.1      # lambda_2 = mmd_weight [C: --mmd_weight 0.1]
-    rec: str = "infodiff"        # reconstruction term: "infodiff" (InfoDiffusion code) or "x0" (spec s1.2)
-    steps: int = 2400            # NOTE (deviation): optimiser steps sized to the 6-min CPU budget (spec s5: 1.5k-3k)
-    batch: int = 64              # [C]
-    lr: float = 1e-3             # NOTE (deviation): InfoDiffusion uses 1e-4; 1e-3 for a short CPU run (spec s5)
-    weight_decay: float = 1e-5   # [C]
-    warmup: int = 100            # steps of "gradual warmup" to 2 x lr, then cosine to 0 [C: 1 epoch, multiplier 2]
-    # NOTE (choice): K 200 samples per navigated code (spec s1.6: ~20 [I]). The true PSTH is noise-free, so the
-    # Monte-Carlo noise of a K-sample mean lowers R^2 (seed 0, L 8: 0.52 at K 50, 0.64 at K 200).
-    n_gen: int = 200             # K samples per navigated code, averaged into PSTHs
+    # NOTE (deviation): 50 strided deterministic DDIM steps (sampling.py: every step, eta 0.01; --paper)
+    ddim_steps: int = 50
+    ddim_eta: float = 0.0        # DDIM noise scale eta
+    mmd_weight: float = 0.1      # lambda_2 (run.py --mmd_weight)
+    rec: str = "infodiff"        # reconstruction term: "infodiff" (models.py InfoDiff.loss_fn) or "x0" (see loss)
+    steps: int = 2400            # NOTE (deviation): optimiser steps for a few-minute CPU run
+    batch: int = 64              # run.py --batch_size
+    lr: float = 1e-3             # NOTE (deviation): 1e-3 for the short CPU run (run.py: 1e-4, --paper)
+    weight_decay: float = 1e-5   # run.py AdamW
+    warmup: int = 100            # steps of gradual warmup to 2 lr, then cosine to 0 (run.py: 1 epoch)
+    n_gen: int = 200             # K samples per navigated code, averaged into PSTHs. NOTE (choice): many, as the
+    #                              true PSTH is noise-free and the Monte-Carlo noise of a K-sample mean lowers R^2
     eval_every: int = 400        # steps between code -> target R^2 checks on validation trials
     lfads_steps: int = 800       # training steps of the LFADS-like baseline (0: skip it; PCA is always run)
 
 
-DEMOS = ("reach",)
-PRESETS = {"quick": dict(n_neurons=24, trials_per_target=12, channels=16, diff_steps=50, ddim_steps=10, steps=40,
-                         warmup=5, n_gen=4, eval_every=20, lfads_steps=20)}
-POSITIVE_FIELDS = ("n_neurons", "trials_per_target", "code_dim", "channels", "diff_steps", "ddim_steps", "steps",
-                   "batch", "warmup", "n_gen", "eval_every")
-HELDOUT = ((-1, 1), (1, 0), (0, -1))  # interior, non-collinear grid targets held out of everything (spec s3.2)
+DEMOS = {"reach": {}}
+# --paper: InfoDiffusion's configuration (models.py AuxiliaryUNet with ch_mult (1,2,2,2) and attn=[2], run.py defaults,
+# sampling.py's DDIM with eta 0.01 over all 1000 steps) with GNOCCHI's unknown code size replaced by a_dim 32.
+# NOTE (deviation): what stays different at this scale: 1-D convolutions over time with neurons as channels (the
+# GNOCCHI adaptation), the conv-stack encoder instead of InfoDiffusion's U-Net encoder, the input skip of
+# GNOCCHI.eps_theta, the per-step schedule, T padded to a multiple of 8 bins, the simulated reaching data, and the
+# LFADS-like baseline at its CPU size. NOTE (choice): 20,000 steps (GNOCCHI's count is unknown; InfoDiffusion's 20
+# epochs of MNIST at batch 64 are ~19,000) with 1,000 of warmup (run.py: 1 of 20 epochs).
+PRESETS = {
+    "quick": (dict(n_neurons=24, trials_per_target=12, channels=16, diff_steps=50, ddim_steps=10, steps=40, warmup=5,
+                   n_gen=4, eval_every=20, lfads_steps=20), "tiny smoke test, end to end in ~10 s on 2 CPU cores"),
+    "paper": (dict(code_dim=32, channels=64, ch_mult="1,2,2,2", res_blocks=2, attention=True, skip_all=True,
+                   groups=32, dropout=0.1, diff_steps=1000, beta_1=1e-5, beta_T=1e-2, ddim_steps=1000, ddim_eta=0.01,
+                   lr=1e-4, steps=20000, warmup=1000, eval_every=2000), "InfoDiffusion's scale, for a GPU"),
+}
+CHOICES = dict(demo=tuple(DEMOS), device=("auto", "cpu", "cuda", "mps"), preset=("", *PRESETS), rec=("infodiff", "x0"))
+POSITIVE_FIELDS = ("n_neurons", "trials_per_target", "code_dim", "channels", "res_blocks", "groups", "diff_steps",
+                   "ddim_steps", "steps", "batch", "warmup", "n_gen", "eval_every")
+HELDOUT = ((-1, 1), (1, 0), (0, -1))  # interior, non-collinear grid targets held out of everything
 LATENTS = {"GNOCCHI": "gnocchi", "PCA": "pca", "LFADS-like": "lfads"}  # latent name -> metrics.json key prefix
+MAX_COUNT = 500      # spikes per neuron per bin: a neuron fires at most ~500 spikes/s (refractory period ~2 ms)
+MAX_RATE = 1e4       # |rates|: 10x the fastest firing rates in spikes/s; larger means wrong units or a wrong array
+
+
+def check_config(cfg: Config):
+    """CLI checks of this file (an error message naming the flag, or None)."""
+    if not all(m.strip().isdigit() and int(m) > 0 for m in cfg.ch_mult.split(",")):
+        return f"--ch-mult must be comma-separated positive integers such as 1,2,2,2, got {cfg.ch_mult!r}"
+    if cfg.channels % cfg.groups or cfg.channels % 2:
+        return f"--channels must be even and a multiple of --groups {cfg.groups} (GroupNorm), got {cfg.channels}"
+    if cfg.ddim_steps > cfg.diff_steps:
+        return f"--ddim-steps must be <= --diff-steps {cfg.diff_steps}, got {cfg.ddim_steps}"
+    if cfg.ddim_eta < 0:
+        return f"--ddim-eta must be >= 0, got {cfg.ddim_eta}"
+    return None
 
 
 # -----------------------------------------------------------------------------
-# Utilities
+# Utilities (the same code in the three files of this project)
 # -----------------------------------------------------------------------------
 def set_seed(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
+    """Seed python, numpy and torch's global CPU generator (every random draw is made on the CPU)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -106,39 +148,151 @@ def get_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda, then mps, then cpu. Every accelerator query is gated."""
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
-        raise ValueError(f"--device {name} requested but it is not available")
+        raise ValueError(f"--device {name}: expected an available device, found none of that kind")
     return torch.device(name)
 
 
 class Progress:
-    """Live one-line progress for a training loop: step, loss, ETA."""
+    """One live line per training loop: step, values, elapsed time and ETA."""
 
-    def __init__(self, name: str, total: int, every: int = 20):
-        self.name, self.total, self.every, self.t0 = name, total, every, time.time()
+    def __init__(self, name: str, total: int, every: int = 0):
+        self.name, self.total, self.every, self.t0 = name, total, every or max(1, total // 20), time.time()
 
     def __call__(self, step: int, **vals) -> None:
         if step % self.every and step != self.total:
             return
         el = time.time() - self.t0
         msg = " ".join(f"{k} {v:.4g}" for k, v in vals.items())
-        print(f"\r  [{self.name}] step {step}/{self.total} {msg} | {el:.0f}s, ETA {el / step * (self.total - step):.0f}s",
-              end="\n" if step == self.total else "", flush=True)
+        print(f"\r  [{self.name}] step {step}/{self.total} {msg} | {el:.0f}s elapsed, "
+              f"ETA {el / step * (self.total - step):.0f}s", end="\n" if step == self.total else "", flush=True)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temp file in the same folder, then rename: no half-written file on failure."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+class Stopwatch:
+    """Wall-clock seconds per pipeline stage, for timing.json."""
+
+    def __init__(self):
+        self.t, self.times = time.time(), {}
+
+    def lap(self, stage: str) -> None:
+        now = time.time()
+        self.times[stage] = round(now - self.t, 2)
+        self.t = now
+
+
+def check_finite(loss: float, model: str, step: int, cause: str) -> None:
+    """Stop the run at once when a training loss is NaN or inf (nothing after training is written)."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"{model}: the training loss became {loss} at step {step}; likely cause: {cause}")
+
+
+def str2bool(s: str) -> bool:
+    """Command-line booleans: 1/0, true/false, yes/no, on/off."""
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0/1 or true/false, got {s!r}")
+
+
+def parse_args(argv=None) -> "Config":
+    """Command line -> Config: the demo's defaults (DEMOS), then one named preset (PRESETS: --quick, --paper, ...),
+    then explicit flags. Bad values exit with status 2 and a message that names the flag."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Config):
+        kw = dict(type=str2bool, nargs="?", const=True) if isinstance(f.default, bool) else dict(type=type(f.default))
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, choices=CHOICES.get(f.name),
+                       help=f"(default: {f.default!r})", **kw)
+    for name, (_, text) in PRESETS.items():
+        p.add_argument("--" + name, action="store_true", help=text)
+    a = vars(p.parse_args(argv))
+    named = [name for name in PRESETS if a.pop(name)]
+    if len(named) > 1:
+        p.error(f"--{' and --'.join(named)} exclude each other")
+    cfg = dataclasses.replace(Config(), **DEMOS[a["demo"] or Config.demo])
+    cfg = dataclasses.replace(cfg, preset=named[0] if named else "", **(PRESETS[named[0]][0] if named else {}))
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in a.items() if v is not None})
+    for name in POSITIVE_FIELDS:
+        if getattr(cfg, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    problem = check_config(cfg)
+    if problem:
+        p.error(problem)
+    cfg.out = cfg.out or os.path.join("runs", f"{os.path.basename(__file__)[:-3]}-{'data' if cfg.data else cfg.demo}")
+    return cfg
+
+
+def load_arrays(path: str) -> dict:
+    """The one loading path for --data: a .npy file (its array is named 'spikes') or a .npz archive (every array by
+    name), never unpickled. Any failure to open or parse is a ValueError naming the file, what was expected and
+    what was found."""
+    want = "a .npy file or a .npz archive of numeric arrays (np.save / np.savez)"
+    if not os.path.isfile(path) or not path.endswith((".npy", ".npz")):
+        found = ("a directory" if os.path.isdir(path) else "no such file" if not os.path.exists(path)
+                 else f"a file with the extension {os.path.splitext(path)[1] or '(none)'!r}")
+        raise ValueError(f"--data {path}: expected {want}, found {found}")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+        with open(path, "rb") as f:
+            obj = np.load(f, allow_pickle=False)
+            arrays = {k: obj[k] for k in obj.files} if isinstance(obj, np.lib.npyio.NpzFile) else {"spikes": obj}
+    except Exception as e:
+        found = ("an object array, which would need unpickling" if "Object arrays" in str(e) else
+                 "content that is not a .npy or .npz file" if "pickle" in str(e) else f"{type(e).__name__}: {e}")
+        raise ValueError(f"--data {path}: expected {want}, found {found}") from None
+    for k, a in arrays.items():
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+            raise ValueError(f"--data {path}: expected numeric arrays, found {k!r} with dtype {a.dtype}")
+    return arrays
+
+
+def prepare_out(out: str) -> None:
+    """Create the output folder (and figures/) and check that it is writable, before any training. A metrics.json
+    left there by an earlier run is removed, so an interrupted run never leaves one that looks like its own."""
+    try:
+        os.makedirs(os.path.join(out, "figures"), exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+        if os.path.exists(os.path.join(out, "metrics.json")):
+            os.remove(os.path.join(out, "metrics.json"))
+    except OSError as e:
+        raise ValueError(f"--out {out}: expected a writable folder, found {e.strerror or e}") from None
+
+
+def save_atomic(path: str, write) -> None:
+    """write(f) into a temporary file beside `path`, then rename it: no half-written output if the run dies.
+    Permissions follow the umask, like every other file the run writes (0644 under the usual 022)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
-        os.remove(tmp) if os.path.exists(tmp) else None
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise
 
 
+def write_json(path: str, obj) -> None:
+    save_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def run_info(cfg: "Config", device: torch.device) -> dict:
+    """config.json: every setting, the seed, the versions and the device."""
+    return dict(config=dataclasses.asdict(cfg), seed=cfg.seed, device=str(device), python=platform.python_version(),
+                torch=torch.__version__, numpy=np.__version__, platform=platform.platform(),
+                threads=torch.get_num_threads())
+
+
+def save_figure(fig, path: str, dpi: int = 90) -> None:
+    fig.tight_layout()
+    save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
+# -----------------------------------------------------------------------------
+# Data: minimum-jerk reaches -> random rate-RNN "controller" -> Poisson spikes -> smoothed rates; --data; split
+# -----------------------------------------------------------------------------
 def smooth_matrix(T: int, sigma: float) -> np.ndarray:
     """(T, T) acausal Gaussian smoothing matrix (sigma in bins), columns renormalised at the edges: x @ K smooths
     the last axis of x."""
@@ -147,14 +301,11 @@ def smooth_matrix(T: int, sigma: float) -> np.ndarray:
     return K / K.sum(0, keepdims=True)
 
 
-# -----------------------------------------------------------------------------
-# Data: minimum-jerk reaches -> random rate-RNN "controller" -> Poisson spikes -> smoothed, z-scored rates (spec s3)
-# -----------------------------------------------------------------------------
 def make_data(cfg: Config) -> dict:
     """Synthetic reaching from its own seeded generator. Returns rates/true_rates (M, N, T) in Hz, targets (M, 2) cm,
     heldout (M,) bool, hand (M, T, 2), start (M, 2), duration (M,). Nuisances are drawn independently of the target."""
     rng = np.random.default_rng(cfg.seed)
-    d, dt, tau = 2.0, 10.0, 50.0  # grid spacing (cm), simulation step and RNN time constant (ms) (spec s3.2 [I])
+    d, dt, tau = 2.0, 10.0, 50.0  # grid spacing (cm), simulation step and RNN time constant (ms)
     grid = np.array([(i, j) for i in range(-2, 3) for j in range(-2, 3)])
     g = np.repeat(grid * d, cfg.trials_per_target, axis=0)  # (25, 2) -> (M, 2) target per trial
     heldout = np.array([tuple(ij) in HELDOUT for ij in np.repeat(grid, cfg.trials_per_target, axis=0)])
@@ -190,42 +341,65 @@ def make_data(cfg: Config) -> dict:
 
 
 def load_data(path: str, cfg: Config) -> dict:
-    """Own data: .npz with 'rates' (float) or 'spikes' (counts), both (trials, neurons, bins); optional 'targets'
-    (trials, 2) and 'heldout' (trials,) bool. Spikes are Gaussian-smoothed with cfg.smooth_bins. ValueError if bad."""
-    def need(ok, msg):
+    """Own data through load_arrays: 'rates' (real-valued) or 'spikes' (non-negative integer counts, also a plain .npy),
+    both (trials, neurons, bins); optional 'targets' (trials, 2) and 'heldout' (trials,) bool. Spikes are smoothed
+    with a Gaussian of cfg.smooth_bins bins. Each problem is a ValueError naming the file, the expectation and the
+    finding."""
+    arrays = load_arrays(path)
+
+    def need(ok, expected, found):
         if not ok:
-            raise ValueError(f"--data {path}: expected {msg}")
-    need(os.path.isfile(path), "an existing .npz file, found no file")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            d = {k: f[k] for k in f.files}
-    except Exception as e:
-        raise ValueError(f"--data {path}: expected an .npz archive (np.savez), could not read it: {e}") from e
-    need(("rates" in d) != ("spikes" in d), f"exactly one of the keys 'rates' or 'spikes', found keys {sorted(d)}")
-    x = d.get("rates", d.get("spikes"))
+            raise ValueError(f"--data {path}: expected {expected}, found {found}")
+    need(("rates" in arrays) != ("spikes" in arrays), "exactly one of the arrays 'rates' or 'spikes'",
+         f"the arrays {sorted(arrays)}")
+    key = "rates" if "rates" in arrays else "spikes"
+    x = arrays[key]
     need(x.ndim == 3 and x.shape[0] >= 8 and x.shape[1] >= 1 and x.shape[2] >= 4,
-         f"rates/spikes shaped (trials >= 8, neurons, bins >= 4), found {x.shape}")
-    need(np.issubdtype(x.dtype, np.number) and np.isfinite(x).all(), f"finite numbers, found dtype {x.dtype} / NaN / inf")
-    need("rates" in d or (x >= 0).all(), "non-negative spike counts, found negative values")
-    M, x = len(x), x.astype(float)
-    out = dict(rates=x @ smooth_matrix(x.shape[2], cfg.smooth_bins) if "spikes" in d else x)
-    if "targets" in d:
-        y = d["targets"]
-        need(y.shape == (M, 2) and np.issubdtype(y.dtype, np.number) and np.isfinite(y).all(),
-             f"finite 'targets' (x, y) shaped ({M}, 2), found {y.dtype} {y.shape}")
+         f"'{key}' shaped (trials >= 8, neurons, bins >= 4)", f"the shape {x.shape}")
+    x = x.astype(np.float64)
+    need(np.isfinite(x).all(), f"finite '{key}'", f"{np.isnan(x).sum()} NaN and {np.isinf(x).sum()} infinite values")
+    if key == "spikes":
+        bad = x[(x < 0) | (x != np.round(x))]
+        need(len(bad) == 0, "non-negative integer spike counts in 'spikes' (a .npy file is read as spikes; save "
+             "real-valued activity with np.savez(path, rates=...))", f"values such as {bad[:3].tolist()}")
+        need(x.max() <= MAX_COUNT, f"at most {MAX_COUNT} spikes per neuron per bin (a neuron fires at most ~500 "
+             "spikes/s): re-bin to shorter bins, or check that the array holds counts", f"a count of {x.max():.0f}")
+    else:
+        need(np.abs(x).max() <= MAX_RATE, f"|rates| <= {MAX_RATE:.0f} (firing rates stay below ~1000 spikes/s; far "
+             "larger values are other units or another array, and near 1e19 their squares overflow float32): rescale "
+             "them, e.g. to spikes/s", f"a value of {np.abs(x).max():.3g}")
+    M = len(x)
+    out = dict(rates=x @ smooth_matrix(x.shape[2], cfg.smooth_bins) if key == "spikes" else x)
+    if "targets" in arrays:
+        y = arrays["targets"]
+        need(y.shape == (M, 2) and y.dtype != bool and np.isfinite(y).all(),
+             f"finite numeric 'targets' (x, y) shaped ({M}, 2), one row per trial", f"{y.dtype} shaped {y.shape}")
         out["targets"] = y.astype(float)
-    ho = out["heldout"] = d.get("heldout", np.zeros(M, bool))
-    need(ho.dtype == bool and ho.shape == (M,), f"'heldout' as a bool array shaped ({M},), found {ho.dtype} {ho.shape}")
-    need(not ho.any() or "targets" in d, "'targets' with 'heldout' (held-out metrics need targets), found none")
-    need((~ho).sum() >= 8, f">= 8 training (not held-out) trials, found {(~ho).sum()}")
+    ho = out["heldout"] = arrays.get("heldout", np.zeros(M, bool))
+    need(ho.dtype == bool and ho.shape == (M,), f"'heldout' as a bool array shaped ({M},)", f"{ho.dtype} {ho.shape}")
+    need(not ho.any() or "targets" in arrays, "'targets' with 'heldout' (held-out metrics need targets)", "none")
+    need((~ho).sum() >= 8, ">= 8 training (not held-out) trials", f"{(~ho).sum()}")
     return out
 
 
+def prepare(d: dict, seed: int) -> dict:
+    """Split trials (held-out targets / 15% validation / train) and z-score every neuron with TRAINING statistics
+    only, so held-out trials never touch training or normalisation. Adds x, truth (z units) and the masks."""
+    M = len(d["rates"])
+    d["val"] = ~d["heldout"] & (np.random.default_rng(seed + 1).random(M) < 0.15)
+    d["train"] = ~d["heldout"] & ~d["val"]
+    d["mu"] = d["rates"][d["train"]].mean((0, 2), keepdims=True)   # (1, N, 1)
+    d["sd"] = d["rates"][d["train"]].std((0, 2), keepdims=True) + 1e-6
+    d["x"] = (d["rates"] - d["mu"]) / d["sd"]                        # (M, N, T) model input
+    d["truth"] = (d.get("true_rates", d["rates"]) - d["mu"]) / d["sd"]  # noise-free rates when simulated
+    return d
+
+
 # -----------------------------------------------------------------------------
-# Model: info-code encoder f_phi and AdaGN-conditioned 1-D U-Net eps_theta (spec s1.4, s1.5)
+# Model: info-code encoder f_phi and AdaGN-conditioned 1-D U-Net eps_theta (models.py, modules.py)
 # -----------------------------------------------------------------------------
 def xavier_init(module: nn.Module) -> None:
-    """InfoDiffusion initialises every conv/linear with xavier_uniform and zero bias [C]."""
+    """InfoDiffusion initialises every conv/linear with xavier_uniform and zero bias (modules.py initialize)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Linear)):
             nn.init.xavier_uniform_(m.weight)
@@ -234,14 +408,12 @@ def xavier_init(module: nn.Module) -> None:
 
 class Encoder(nn.Module):
     """Deterministic info code c = f_phi(x0) from the CLEAN trial: 3 x (Conv-SiLU, stride 2 on two) -> flatten ->
-    Linear -> L (spec s5). The flatten + Linear sees the whole window, as InfoDiffusion's flatten + Linear does."""
+    Linear -> L. The flatten + Linear sees the whole window, as models.py Encoder's flatten + fc_a does.
+    NOTE (choice): a 3-layer conv stack instead of InfoDiffusion's full U-Net encoder, and no GroupNorm in it: GN
+    rescales each trial by its own feature statistics, which erases the overall rate level that carries the target."""
 
     def __init__(self, N: int, T: int, C: int, L: int):
         super().__init__()
-        # NOTE (choice): a 3-layer conv stack instead of InfoDiffusion's full U-Net encoder (spec s1.5, CPU size), and
-        # no GroupNorm in it: GN rescales each trial by its own feature statistics, which erases the overall rate
-        # level that carries the target; with GN, codes of held-out targets fell off the line between neighbours
-        # (held-out R^2 ~0.6 instead of ~0.85, seed 0).
         self.net = nn.Sequential(nn.Conv1d(N, C, 3, padding=1), nn.SiLU(),
                                  nn.Conv1d(C, 2 * C, 3, stride=2, padding=1), nn.SiLU(),
                                  nn.Conv1d(2 * C, 2 * C, 3, stride=2, padding=1), nn.SiLU())
@@ -252,20 +424,40 @@ class Encoder(nn.Module):
         return self.fc(self.net(x0).flatten(1))  # (B, N, T) -> (B, 2C, ~T/4) -> (B, 2C*T/4) -> (B, L)
 
 
-class AuxResBlock(nn.Module):
-    """InfoDiffusion's AuxResBlock in 1-D: GN-SiLU-Conv; AdaGN h = GN(h)(1 + s_t) + b_t, then h = h(1 + s_c) + b_c
-    (time FiLM first, then code FiLM, spec s1.4); SiLU-Dropout-Conv; GN-SiLU-Dropout-Conv; residual shortcut."""
+class AttnBlock(nn.Module):
+    """Self-attention over time bins with a residual (modules.py AttnBlock in 1-D): q, k, v = 1x1 convs of GN(x)."""
 
-    def __init__(self, c_in: int, c_out: int, tdim: int, dropout: float):
+    def __init__(self, C: int, groups: int):
         super().__init__()
-        self.block1 = nn.Sequential(nn.GroupNorm(8, c_in), nn.SiLU(), nn.Conv1d(c_in, c_out, 3, padding=1))
+        self.norm = nn.GroupNorm(groups, C)
+        self.proj_q = nn.Conv1d(C, C, 1)
+        self.proj_k = nn.Conv1d(C, C, 1)
+        self.proj_v = nn.Conv1d(C, C, 1)
+        self.proj = nn.Conv1d(C, C, 1)
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = self.proj_q(h), self.proj_k(h), self.proj_v(h)  # (B, C, T) each
+        # w_st = softmax_t(q_s . k_t / sqrt(C)); h_s = sum_t w_st v_t
+        w = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(x.shape[1]), dim=-1)  # (B, T, C) @ (B, C, T) -> (B, T, T)
+        return x + self.proj(v @ w.transpose(1, 2))                 # (B, C, T) @ (B, T, T) -> (B, C, T)
+
+
+class AuxResBlock(nn.Module):
+    """modules.py AuxResBlock in 1-D: GN-SiLU-Conv; AdaGN h = GN(h)(1 + s_t) + b_t, then h = h(1 + s_c) + b_c (time
+    FiLM first, then code FiLM); SiLU-Dropout-Conv; GN-SiLU-Dropout-Conv; residual shortcut; optional attention."""
+
+    def __init__(self, c_in: int, c_out: int, tdim: int, dropout: float, attn: bool = False, groups: int = 8):
+        super().__init__()
+        self.block1 = nn.Sequential(nn.GroupNorm(groups, c_in), nn.SiLU(), nn.Conv1d(c_in, c_out, 3, padding=1))
         self.temb_proj = nn.Sequential(nn.SiLU(), nn.Linear(tdim, 2 * c_out))
         self.cemb_proj = nn.Sequential(nn.SiLU(), nn.Linear(tdim, 2 * c_out))
-        self.norm2 = nn.GroupNorm(8, c_out)  # GN(8): InfoDiffusion's GN(32) needs >= 32 channels (spec s1.5)
+        self.norm2 = nn.GroupNorm(groups, c_out)
         self.block2 = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Conv1d(c_out, c_out, 3, padding=1))
-        self.block3 = nn.Sequential(nn.GroupNorm(8, c_out), nn.SiLU(), nn.Dropout(dropout),
+        self.block3 = nn.Sequential(nn.GroupNorm(groups, c_out), nn.SiLU(), nn.Dropout(dropout),
                                     nn.Conv1d(c_out, c_out, 3, padding=1))
         self.shortcut = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.attn = AttnBlock(c_out, groups) if attn else nn.Identity()
         xavier_init(self)
 
     def forward(self, x, temb, cemb):
@@ -274,67 +466,110 @@ class AuxResBlock(nn.Module):
         s_c, b_c = self.cemb_proj(cemb)[:, :, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + s_t) + b_t                         # time scale/shift
         h = h * (1 + s_c) + b_c                                     # code scale/shift (AdaGN)
-        return self.block3(self.block2(h)) + self.shortcut(x)
+        return self.attn(self.block3(self.block2(h)) + self.shortcut(x))
 
 
 class UNet1D(nn.Module):
-    """eps_theta(x_i, i, c): head Conv(N -> C); levels C (T bins) and 2C (T/2 bins), one AuxResBlock each; two middle
-    blocks; mirrored decoder with skip concatenation; tail GN-SiLU-Conv(C -> N) initialised to zero (spec s1.5)."""
+    """eps_theta(x_i, i, c), models.py AuxiliaryUNet over time: head Conv(N -> C); per level res_blocks AuxResBlocks
+    at C * ch_mult[level] channels, a stride-2 conv between levels; two middle blocks; a mirrored decoder whose blocks
+    concatenate the stored skips, nearest-neighbour upsampling + conv; tail GN-SiLU-Conv(C -> N) initialised to zero.
+    Skips: every res-block output (skip_all adds the head and downsample outputs and one more up-block per level, as
+    AuxiliaryUNet does)."""
+    ATTN_LEVEL = 2  # the level (0-based) whose blocks have self-attention (models.py AuxiliaryUNet attn=[2])
 
-    def __init__(self, N: int, C: int, L: int, T_diff: int, dropout: float):
+    def __init__(self, N: int, C: int, L: int, T_diff: int, dropout: float, ch_mult=(1, 2), res_blocks: int = 1,
+                 attention: bool = False, skip_all: bool = False, groups: int = 8):
         super().__init__()
         tdim = 4 * C
-        half = C // 2  # sinusoidal table of width C -> Linear(C, 4C) -> SiLU -> Linear(4C, 4C) (spec s1.3)
+        half = C // 2  # sinusoidal table of width C -> Linear(C, 4C) -> SiLU -> Linear(4C, 4C) (TimeEmbedding)
         ang = torch.arange(T_diff)[:, None] * torch.exp(-math.log(1e4) * torch.arange(half) / half)[None]
         self.register_buffer("sin_table", torch.cat([ang.sin(), ang.cos()], dim=1))  # (T_diff, C)
         self.time_mlp = nn.Sequential(nn.Linear(C, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
-        self.code_fc = nn.Linear(L, tdim)  # a_emb = Linear(L -> tdim)(c), computed once [C]
+        self.code_fc = nn.Linear(L, tdim)  # a_emb = Linear(L -> tdim)(c), computed once (AuxiliaryUNet fc_a)
         self.head = nn.Conv1d(N, C, 3, padding=1)
-        self.down1, self.down2 = AuxResBlock(C, C, tdim, dropout), AuxResBlock(C, 2 * C, tdim, dropout)
-        self.downsample = nn.Conv1d(C, C, 3, stride=2, padding=1)
-        self.mid = nn.ModuleList([AuxResBlock(2 * C, 2 * C, tdim, dropout) for _ in range(2)])
-        self.up2, self.up1 = AuxResBlock(4 * C, 2 * C, tdim, dropout), AuxResBlock(3 * C, C, tdim, dropout)
-        self.upsample = nn.Conv1d(2 * C, 2 * C, 3, padding=1)
-        self.tail = nn.Sequential(nn.GroupNorm(8, C), nn.SiLU(), nn.Conv1d(C, N, 3, padding=1))
+        self.skip_all = skip_all
+        block = partial(AuxResBlock, tdim=tdim, dropout=dropout, groups=groups)
+        skips, ch, down, downsample = ([C] if skip_all else []), C, [], []  # skips: channels of the stored outputs
+        for lvl, mult in enumerate(ch_mult):
+            level = []
+            for _ in range(res_blocks):
+                level.append(block(ch, C * mult, attn=attention and lvl == self.ATTN_LEVEL))
+                ch = C * mult
+                skips.append(ch)
+            down.append(nn.ModuleList(level))
+            if lvl < len(ch_mult) - 1:
+                downsample.append(nn.Conv1d(ch, ch, 3, stride=2, padding=1))
+                if skip_all:
+                    skips.append(ch)
+        self.down = nn.ModuleList(down)
+        self.downsample = nn.ModuleList(downsample)
+        self.mid = nn.ModuleList([block(ch, ch, attn=attention), block(ch, ch)])
+        up, upsample = [], []
+        for lvl in reversed(range(len(ch_mult))):
+            level = []
+            for _ in range(res_blocks + skip_all):
+                level.append(block(skips.pop() + ch, C * ch_mult[lvl], attn=attention and lvl == self.ATTN_LEVEL))
+                ch = C * ch_mult[lvl]
+            up.append(nn.ModuleList(level))
+            if lvl > 0:
+                upsample.append(nn.Conv1d(ch, ch, 3, padding=1))
+        self.up = nn.ModuleList(up)
+        self.upsample = nn.ModuleList(upsample)
+        self.tail = nn.Sequential(nn.GroupNorm(groups, C), nn.SiLU(), nn.Conv1d(C, N, 3, padding=1))
         xavier_init(self)
-        # NOTE (choice): exact zeros for the output conv (InfoDiffusion: xavier with gain 1e-5, i.e. ~zero) [C].
+        # NOTE (choice): exact zeros for the output conv (models.py: xavier with gain 1e-5, i.e. ~zero).
         nn.init.zeros_(self.tail[-1].weight)
 
     def forward(self, x, i, c):
         T = x.shape[-1]
-        x = F.pad(x, (0, T % 2), mode="replicate")            # odd T: pad one bin so one downsample fits
-        temb, cemb = self.time_mlp(self.sin_table[i]), self.code_fc(c)  # (B,) -> (B, 4C); (B, L) -> (B, 4C)
-        h1 = self.down1(self.head(x), temb, cemb)             # (B, N, T) -> (B, C, T)
-        h2 = self.down2(self.downsample(h1), temb, cemb)      # (B, C, T) -> (B, C, T/2) -> (B, 2C, T/2)
-        h = h2
+        x = F.pad(x, (0, -T % 2 ** len(self.downsample)), mode="replicate")  # NOTE (choice): pad T to fit the levels
+        temb = self.time_mlp(self.sin_table[i])                 # (B,) -> (B, 4C)
+        cemb = self.code_fc(c)                                  # (B, L) -> (B, 4C)
+        h = self.head(x)                                        # (B, N, T) -> (B, C, T)
+        hs = [h] if self.skip_all else []
+        for lvl, level in enumerate(self.down):
+            for blk in level:
+                h = blk(h, temb, cemb)                          # (B, C_in, T') -> (B, C * ch_mult[lvl], T')
+                hs.append(h)
+            if lvl < len(self.downsample):
+                h = self.downsample[lvl](h)                     # (B, C', T') -> (B, C', T'/2)
+                if self.skip_all:
+                    hs.append(h)
         for blk in self.mid:
-            h = blk(h, temb, cemb)                            # (B, 2C, T/2)
-        h = self.up2(torch.cat([h, h2], 1), temb, cemb)      # (B, 4C, T/2) -> (B, 2C, T/2)
-        h = self.upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, 2C, T/2) -> (B, 2C, T)
-        h = self.up1(torch.cat([h, h1], 1), temb, cemb)      # (B, 3C, T) -> (B, C, T)
-        return self.tail(h)[..., :T]                          # (B, C, T) -> (B, N, T)
+            h = blk(h, temb, cemb)
+        for k, level in enumerate(self.up):                     # deepest level first
+            for blk in level:
+                h = blk(torch.cat([h, hs.pop()], 1), temb, cemb)  # (B, C' + C_skip, T') -> (B, C'', T')
+            if k < len(self.upsample):
+                h = self.upsample[k](F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, C', T') -> (B, C', 2T')
+        return self.tail(h)[..., :T]                            # (B, C, T) -> (B, N, T)
 
 
 # -----------------------------------------------------------------------------
-# Objective: DDPM forward process, score + reconstruction + MMD loss (spec s1.2; InfoDiffusion with zeta = 1)
+# Diffusion and objective: DDPM forward process, score + reconstruction + MMD loss (InfoDiffusion with zeta = 1)
 # -----------------------------------------------------------------------------
 def mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Biased (V-statistic) MMD^2 with the InfoVAE kernel k(u, v) = exp(-||u - v||^2 / L^2) [C: compute_mmd]."""
+    """Biased (V-statistic) MMD^2 with the InfoVAE kernel k(u, v) = exp(-||u - v||^2 / L^2) (utils.py compute_mmd):
+    MMD^2 = mean k(x, x') + mean k(y, y') - 2 mean k(x, y)."""
     L = x.shape[1]
-    k = lambda a, b: torch.exp(-torch.cdist(a, b).pow(2) / L**2)  # (B, L), (B', L) -> (B, B')
-    return k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()
+    k_xx = torch.exp(-torch.cdist(x, x).pow(2) / L**2)  # (B, L), (B', L) -> (B, B')
+    k_yy = torch.exp(-torch.cdist(y, y).pow(2) / L**2)
+    k_xy = torch.exp(-torch.cdist(x, y).pow(2) / L**2)
+    return k_xx.mean() + k_yy.mean() - 2 * k_xy.mean()
 
 
 class GNOCCHI(nn.Module):
     """Auxiliary-variable diffusion model: prior p(c) = N(0, I_L), encoder c = f_phi(x0), decoder = DDPM reverse chain
-    p_theta(x_{i-1} | x_i, c) with noise predictor eps_theta(x_i, i, c) (spec s1.1)."""
+    p_theta(x_{i-1} | x_i, c) with noise predictor eps_theta(x_i, i, c) (models.py InfoDiff)."""
 
     def __init__(self, cfg: Config, N: int, T: int):
         super().__init__()
         self.cfg, self.N, self.T = cfg, N, T
         self.encoder = Encoder(N, T, cfg.channels, cfg.code_dim)
-        self.eps_model = UNet1D(N, cfg.channels, cfg.code_dim, cfg.diff_steps, cfg.dropout)
-        beta = torch.linspace(cfg.beta_1, cfg.beta_T, cfg.diff_steps)  # linear schedule [C], rescaled for T_diff
+        self.eps_model = UNet1D(N, cfg.channels, cfg.code_dim, cfg.diff_steps, cfg.dropout,
+                                ch_mult=[int(m) for m in cfg.ch_mult.split(",")], res_blocks=cfg.res_blocks,
+                                attention=cfg.attention, skip_all=cfg.skip_all, groups=cfg.groups)
+        beta = torch.linspace(cfg.beta_1, cfg.beta_T, cfg.diff_steps)  # linear schedule (models.py InfoDiff)
         self.register_buffer("beta", beta)
         self.register_buffer("alpha_bar", torch.cumprod(1 - beta, 0))  # abar_i = prod_{j<=i} (1 - beta_j)
 
@@ -342,9 +577,9 @@ class GNOCCHI(nn.Module):
         """eps_theta(x_i, i, c) = sqrt(1 - abar_i) x_i + sqrt(abar_i) UNet(x_i, i, c).
         NOTE (deviation): an input skip (EDM-style preconditioning; equivalently the U-Net predicts v). The loss is
         still the eps-MSE, but eps_hat ~ x_i at high noise no longer has to pass through the U-Net: with neurons as
-        channels and C < 2N, the GN-SiLU-Conv tail cannot represent that identity, and the residual error, amplified
-        by 1/sqrt(abar_i) in DDIM's first steps, ruined the samples. At init (zero output conv) eps_hat is the
-        Bayes-optimal denoiser for unit-Gaussian data."""
+        channels and C < 2N, the GN-SiLU-Conv tail cannot represent that identity, and DDIM's first steps amplify the
+        residual error by 1/sqrt(abar_i). At init (zero output conv) eps_hat is the Bayes-optimal denoiser for
+        unit-Gaussian data."""
         ab = self.alpha_bar[i][:, None, None]  # (B,) -> (B, 1, 1)
         return (1 - ab).sqrt() * x_i + ab.sqrt() * self.eps_model(x_i, i, c)
 
@@ -354,75 +589,112 @@ class GNOCCHI(nn.Module):
         return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
     def loss(self, x0):
-        """One minibatch of Alg. 1 with InfoDiffusion's extra terms. Returns (total, dict of parts)."""
+        """One minibatch of models.py InfoDiff.loss_fn (MMD path, no KL). Returns (total, dict of float parts)."""
         B = len(x0)
-        i = torch.randint(0, self.cfg.diff_steps, (B,), device=x0.device)  # i ~ U{0..T_diff-1}
-        eps = torch.randn_like(x0)
-        c = self.encoder(x0)                                  # code from the clean x0, deterministic [C]
+        i = torch.randint(0, self.cfg.diff_steps, (B,)).to(x0.device)  # i ~ U{0..T_diff-1}
+        eps = torch.randn(x0.shape).to(x0.device)
+        c = self.encoder(x0)                                  # code from the clean x0, deterministic
         x_i = self.q_sample(x0, i, eps)
         eps_hat = self.eps_theta(x_i, i, c)
-        l_score = F.mse_loss(eps_hat, eps)                    # "simple" DDPM loss, mean over B x N x T
-        if self.cfg.rec == "infodiff":  # [C] step-1 posterior-mean update applied to the clean x0 (a stand-in for L_0)
+        # L_score = mean (eps_hat - eps)^2 over B x N x T ("simple" DDPM loss)
+        l_score = F.mse_loss(eps_hat, eps)
+        if self.cfg.rec == "infodiff":
+            # InfoDiff.loss_fn: the step-1 posterior-mean update applied to the clean x0 (a stand-in for L_0)
+            # x0_hat = (x0 - beta_1 / sqrt(1 - abar_1) eps_hat) / sqrt(alpha_1)
             x0_hat = (x0 - self.beta[0] / (1 - self.alpha_bar[0]).sqrt() * eps_hat) / (1 - self.beta[0]).sqrt()
-        else:  # "x0": the brief's form x0_hat = (x_i - sqrt(1-abar_i) eps_hat) / sqrt(abar_i) (spec s1.2 [I]); its
-            ab = self.alpha_bar[i][:, None, None]  # weight (1-abar)/abar on the eps error is <= 150 (abar_T = 0.0067)
+        else:
+            # "x0": x0 predicted from x_i; its weight (1 - abar_i) / abar_i on the eps error is <= 1 / abar_T
+            # x0_hat = (x_i - sqrt(1 - abar_i) eps_hat) / sqrt(abar_i)
+            ab = self.alpha_bar[i][:, None, None]  # (B,) -> (B, 1, 1)
             x0_hat = (x_i - (1 - ab).sqrt() * eps_hat) / ab.sqrt()
         l_rec = F.mse_loss(x0_hat, x0)
-        l_mmd = mmd(c, torch.randn_like(c))                   # aggregate q(c) vs p(c) = N(0, I); no per-sample KL
+        l_mmd = mmd(c, torch.randn(c.shape).to(c.device))     # aggregate q(c) vs p(c) = N(0, I); no per-sample KL
+        # L = L_score + L_rec / T_diff + lambda_2 MMD^2
         total = l_score + l_rec / self.cfg.diff_steps + self.cfg.mmd_weight * l_mmd
         return total, dict(score=l_score.item(), rec=l_rec.item(), mmd=l_mmd.item())
 
     @torch.no_grad()
     def sample(self, c, gen: torch.Generator, steps: int = 0):
-        """Generate one trial per code c (K, L) from x_T ~ N(0, I) with deterministic DDIM. Returns (K, N, T)."""
-        x_T = torch.randn((len(c), self.N, self.T), generator=gen, device=c.device)
-        return ddim_sample(lambda x, i: self.eps_theta(x, i, c), x_T, self.alpha_bar, steps or self.cfg.ddim_steps)
+        """Generate one trial per code c (K, L) from x_T ~ N(0, I) (drawn from the CPU generator gen) with DDIM.
+        Returns (K, N, T)."""
+        x_T = torch.randn((len(c), self.N, self.T), generator=gen).to(c.device)
+        return ddim_sample(partial(self.eps_theta, c=c), x_T, self.alpha_bar, steps or self.cfg.ddim_steps,
+                           self.cfg.ddim_eta, gen)
 
 
-def ddim_sample(eps_fn, x_T: torch.Tensor, alpha_bar: torch.Tensor, steps: int) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0; Song et al. Eq. 12) on a strided subsequence of the T_diff steps:
-    x0_hat = (x_i - sqrt(1-abar_i) eps_hat) / sqrt(abar_i);  x_prev = sqrt(abar_prev) x0_hat + sqrt(1-abar_prev) eps_hat.
-    NOTE (choice): textbook DDIM with eta = 0 and `steps` strided steps (InfoDiffusion: eta = 0.01, all 1000 steps)."""
+def ddim_sample(eps_fn, x_T, alpha_bar, steps: int, eta: float = 0.0, gen: torch.Generator = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, Eq. 12) on a strided subsequence of the T_diff steps; eta = 0 is deterministic, and
+    eta = 0.01 over every step is sampling.py's "deterministic" sampler. Noise z comes from the CPU generator gen.
+    NOTE (choice): textbook indexing (sampling.py uses abar_{i-1} where abar_i is meant)."""
     seq = torch.linspace(len(alpha_bar) - 1, 0, steps).round().long().tolist()
     x = x_T
     for k, i in enumerate(seq):
         ab = alpha_bar[i]
         ab_prev = alpha_bar[seq[k + 1]] if k + 1 < len(seq) else torch.ones_like(ab)  # abar_{-1} = 1: end at x0
         eps_hat = eps_fn(x, torch.full((len(x),), i, device=x.device, dtype=torch.long))
+        # x0_hat = (x_i - sqrt(1 - abar_i) eps_hat) / sqrt(abar_i)
         x0_hat = (x - (1 - ab).sqrt() * eps_hat) / ab.sqrt()
-        x = ab_prev.sqrt() * x0_hat + (1 - ab_prev).sqrt() * eps_hat
+        # sigma = eta sqrt((1 - abar_prev) / (1 - abar_i)) sqrt(1 - abar_i / abar_prev)   (DDIM Eq. 16)
+        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+        # x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z
+        x = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma**2).sqrt() * eps_hat
+        if eta > 0:
+            x = x + sigma * torch.randn(x.shape, generator=gen).to(x.device)
     return x
 
 
 # -----------------------------------------------------------------------------
 # Training. Everything in this section is standard PyTorch.
 # -----------------------------------------------------------------------------
-def train(model: GNOCCHI, x: torch.Tensor, cfg: Config, monitor) -> list:
-    """AdamW + grad-norm clip 1.0 + gradual warmup (lr -> 2 lr) then cosine to 0 [C]. Returns the loss history."""
+def lr_factor(step: int, cfg: Config) -> float:
+    """Learning rate / cfg.lr after `step` optimiser steps: run.py's GradualWarmupScheduler (utils.py, multiplier 2)
+    then CosineAnnealingLR, per step instead of per epoch:
+    1 + s / w for s < w (lr -> 2 lr), then 1 + cos(pi (s - w) / (S - w)) = 2 (1 + cos) / 2 (2 lr -> 0)."""
+    if step < cfg.warmup:
+        return 1 + step / cfg.warmup
+    return 1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+
+
+def train(model: GNOCCHI, x: torch.Tensor, d: dict, cfg: Config) -> list:
+    """AdamW + grad-norm clip 1.0 + lr_factor (run.py train) on the training trials of x (M, N, T). Every eval_every
+    steps, the validation code -> target R^2 (the earliest sign that codes carry target information). Returns the
+    per-step loss history."""
+    x_train = x[torch.from_numpy(d["train"]).to(x.device)]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    w, S = cfg.warmup, cfg.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 + s / w if s < w else
-                                              1 + math.cos(math.pi * (s - w) / max(1, S - w)))  # 2 lr * (1+cos)/2
-    prog, hist, val_r2 = Progress("train", S), [], float("nan")
-    for step in range(1, S + 1):
+    prog, hist, val_r2 = Progress("GNOCCHI", cfg.steps), [], float("nan")
+    for step in range(1, cfg.steps + 1):
         model.train()
-        idx = torch.randint(0, len(x), (cfg.batch,), device=x.device)
-        loss, parts = model.loss(x[idx])
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step - 1, cfg)
+        idx = torch.randint(0, len(x_train), (cfg.batch,)).to(x.device)
+        loss, parts = model.loss(x_train[idx])
+        value = loss.item()
+        check_finite(value, "GNOCCHI", step, "a learning rate too high for this data (lower --lr) or extreme inputs")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         parts["step"] = step
-        if step % cfg.eval_every == 0 or step == S:
-            val_r2 = parts["val_code_r2"] = monitor(model)  # earliest sign that codes carry target info (spec s5)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val_r2 = parts["val_code_r2"] = val_code_r2(model, x, d)
         hist.append(parts)
-        prog(step, loss=loss.item(), mmd=parts["mmd"], val_code_r2=val_r2)
+        prog(step, loss=value, mmd=parts["mmd"], val_code_r2=val_r2)
     return hist
 
 
+def report_size(model: nn.Module, cfg: Config, device: torch.device) -> None:
+    """Print the model size; --paper on a CPU also warns with the size of the job."""
+    n = sum(p.numel() for p in model.parameters())
+    print(f"GNOCCHI: {n / 1e3:.1f}k parameters on {device}")
+    if cfg.preset == "paper" and device.type == "cpu":
+        print(f"WARNING: --paper is InfoDiffusion's scale, meant for a GPU: {n / 1e6:.2f}M parameters, {cfg.steps} "
+              f"training steps at batch {cfg.batch}, then {cfg.ddim_steps} DDIM steps for each of ~"
+              f"{5 * cfg.n_gen + 100} generated trials (reach demo). On a CPU this takes a day or more: use "
+              "--device cuda, or run without --paper.", flush=True)
+
+
 # -----------------------------------------------------------------------------
-# Evaluation (spec s4): small numpy helpers, then every metric for one latent (GNOCCHI codes or the PCA baseline)
+# Evaluation: small numpy helpers, the behaviour decoder, every metric for one latent, then all of them
 # -----------------------------------------------------------------------------
 def ridge(X, Y, lam=1e-6):
     """Ridge regression with unpenalised intercept; lam relative to the mean feature variance. Returns predict fn."""
@@ -438,7 +710,7 @@ def r2(y, y_hat):
 
 
 def code_snr(C, labels):
-    """Between-condition over within-condition code variance: tr Cov_k(mu_k) / mean_k tr(Sigma_k) (spec s4.1 [I])."""
+    """Between-condition over within-condition code variance: tr Cov_k(mu_k) / mean_k tr(Sigma_k)."""
     ks = np.unique(labels)
     mu = np.stack([C[labels == k].mean(0) for k in ks])
     within = np.mean([((C[labels == k] - mu[j]) ** 2).sum(1).mean() for j, k in enumerate(ks)])
@@ -446,7 +718,7 @@ def code_snr(C, labels):
 
 
 def latent_metrics(C, gen, d, decode, K):
-    """All spec s4 metrics for one latent. C (M, L) codes; gen(codes (K, L)) -> z-scored trials (K, N, T);
+    """Every metric for one latent. C (M, L) codes; gen(codes (K, L)) -> z-scored trials (K, N, T);
     d: data dict with z-scored 'x', 'truth', 'targets', masks; decode: real-trial behaviour decoder. Returns
     (metrics, extras for figures)."""
     tr, va, ho, Y = d["train"], d["val"], d["heldout"], d["targets"]
@@ -458,7 +730,7 @@ def latent_metrics(C, gen, d, decode, K):
     r = r2(Y[ho], ex.setdefault("pred", f(C[ho])))
     m["heldout_r2_x"], m["heldout_r2_y"] = float(r[0]), float(r[1])
     m["heldout_r2"], m["heldout_err_cm"] = float(r.mean()), float(np.linalg.norm(Y[ho] - ex["pred"], axis=1).mean())
-    # Navigation directions: C ~ 1 c_bar^T + Y W^T by least squares over training trials (spec s4.3 [I])
+    # Navigation directions: C ~ 1 c_bar^T + Y W^T by least squares over training trials
     A = np.linalg.lstsq(np.c_[np.ones(tr.sum()), Y[tr]], C[tr], rcond=None)[0]  # (1 + 2, L)
     c_bar, W = A[0], A[1:].T                                        # (L,), (L, 2): W[:, 0] = w_x, W[:, 1] = w_y
     ex["c_bar"], ex["W"] = c_bar, W
@@ -471,12 +743,12 @@ def latent_metrics(C, gen, d, decode, K):
         noise = res((d["x"] - d["truth"]).reshape(len(C), -1))[tr]  # (M_tr, N*T): x minus its noise-free rates
         a, b = np.arange(tr.sum()) % 2 == 0, np.arange(tr.sum()) % 2 == 1  # fit on half the trials, score the rest
         m["within_from_noise_r2"] = float(r2(res(C)[tr][b], ridge(noise[a], res(C)[tr][a], lam=1.0)(noise[b])).mean())
-    # Navigate to each held-out target: c* = c_bar + W b*; K samples; PSTH vs ground truth (spec s4.4)
+    # Navigate to each held-out target: c* = c_bar + W b*; K samples; PSTH vs ground truth
     ho_targets = np.unique(Y[ho], axis=0)
     g_all = gen(np.repeat(c_bar + ho_targets @ W.T, K, axis=0))     # (n_ho * K, N, T)
     psth_g = g_all.reshape(len(ho_targets), K, *g_all.shape[1:]).mean(1)  # (n_ho, N, T)
     psth_t = np.stack([d["truth"][(Y == b).all(1)].mean(0) for b in ho_targets])  # noise-free condition average
-    # NOTE (choice): R^2 per neuron pooled over held-out targets x time, then mean over neurons (spec s4.4 TO VERIFY)
+    # NOTE (choice): R^2 per neuron pooled over held-out targets x time, then mean over neurons
     pg = psth_g.transpose(1, 0, 2).reshape(psth_g.shape[1], -1)    # (n_ho, N, T) -> (N, n_ho * T)
     pt = psth_t.transpose(1, 0, 2).reshape(psth_t.shape[1], -1)
     r_n = 1 - ((pg - pt) ** 2).sum(1) / ((pt - pt.mean(1, keepdims=True)) ** 2).sum(1)
@@ -485,7 +757,7 @@ def latent_metrics(C, gen, d, decode, K):
     # Read generated trials with the decoder fit on real training trials: endpoint error vs intended target
     yg = decode(g_all)
     m["gen_endpoint_err_cm"] = float(np.linalg.norm(yg - np.repeat(ho_targets, K, axis=0), axis=1).mean())
-    # Unwanted movement: traverse c(delta) = c_bar + delta w_a, decode, |off-axis slope| / |on-axis slope| (s4.6)
+    # Unwanted movement: traverse c(delta) = c_bar + delta w_a, decode, |off-axis slope| / |on-axis slope|
     deltas, Kt = np.linspace(-4.0, 4.0, 5), max(2, K // 5)          # cm (the grid's extent); samples per step
     ex["trav"] = []
     for a, ax in enumerate("xy"):
@@ -497,109 +769,80 @@ def latent_metrics(C, gen, d, decode, K):
     return m, ex
 
 
-# -----------------------------------------------------------------------------
-# Figures (spec s8); matplotlib is imported here only
-# -----------------------------------------------------------------------------
-def make_figures(out, d, res, hist, metrics):
-    from matplotlib.figure import Figure
-    figs, Y, ho = {}, d["targets"], d["heldout"]
-    col = lambda t: (t - Y.min()) / (Y.max() - Y.min() + 1e-9)
-    if "hand" in d:  # 1) task: grid + held-out targets, example hand paths, one neuron's PSTH by target
-        fig = figs["task"] = Figure(figsize=(10, 3.2))
-        a = fig.subplots(1, 3)
-        for k in np.unique(Y, axis=0):
-            sel = np.flatnonzero((Y == k).all(1))[:3]
-            a[0].plot(*d["hand"][sel].transpose(2, 1, 0), color="k" if ho[sel[0]] else "0.6", lw=0.8)
-        a[0].scatter(*Y[~ho].T, c="tab:blue", label="train target")
-        a[0].scatter(*Y[ho].T, c="tab:red", marker="*", s=120, label="held out")
-        a[0].legend(fontsize=7), a[0].set_title("targets and hand paths (cm)")
-        for k in np.unique(Y, axis=0):
-            sel = (Y == k).all(1)
-            a[1].plot(d["t_ms"], d["rates"][sel, 0].mean(0), color=(col(k[0]), 0.3, col(k[1])))
-        a[1].set(title="neuron 0 PSTH by target", xlabel="ms from onset", ylabel="Hz")
-        a[2].imshow(d["rates"][0], aspect="auto", cmap="viridis"), a[2].set(title="one trial", xlabel="bin",
-                                                                               ylabel="neuron")
-    R = len(res)  # GNOCCHI and the baselines
-    fig = figs["latents"] = Figure(figsize=(9, 4 * R))  # 3) codes on (w_x, w_y) coloured by target, held-out overlaid
-    for r, (name, (C, ex)) in enumerate(res.items()):
-        P = (C - ex["c_bar"]) @ np.linalg.pinv(ex["W"]).T           # (M, L) -> (M, 2) coordinates in (w_x, w_y)
-        for a in range(2):
-            ax = fig.add_subplot(R, 2, 2 * r + a + 1)
-            ax.scatter(*P[~ho].T, c=Y[~ho, a], s=4, cmap="coolwarm")
-            ax.scatter(*P[ho].T, c=Y[ho, a], s=18, cmap="coolwarm", edgecolors="k", linewidths=0.5)
-            ax.set(title=f"{name}: colour = target {'xy'[a]} (held out: black edge)", xlabel="w_x", ylabel="w_y")
-    fig = figs["heldout_prediction"] = Figure(figsize=(4 * R, 3.5))  # 4) predicted vs true held-out targets
-    for j, (name, (C, ex)) in enumerate(res.items()):
-        ax = fig.add_subplot(1, R, j + 1)
-        ax.scatter(*ex["pred"].T, s=6, c=np.unique(Y[ho], axis=0, return_inverse=True)[1].ravel(), cmap="tab10")
-        ax.scatter(*ex["ho_targets"].T, marker="*", s=200, c="k"), ax.set(title=f"{name}: predicted held-out targets")
-    fig = figs["traversal"] = Figure(figsize=(4 * R, 3.5))  # 5) decoded endpoints along w_x and w_y sweeps
-    for j, (name, (C, ex)) in enumerate(res.items()):
-        ax = fig.add_subplot(1, R, j + 1)
-        for a, mk in enumerate("ox"):
-            ax.scatter(*ex["trav"][a].T, c=np.repeat(np.arange(5), len(ex["trav"][a]) // 5), cmap="viridis",
-                       marker=mk, s=12, label=f"sweep along w_{'xy'[a]}")
-        ax.legend(fontsize=7), ax.set(title=f"{name}: decoded endpoints", xlabel="x (cm)", ylabel="y (cm)")
-    ex = res["GNOCCHI"][1]  # 6) generated vs true PSTHs for held-out targets (z units), per-neuron R^2 histogram
-    fig = figs["psth"] = Figure(figsize=(12, 3))
-    for n in range(4):
-        ax = fig.add_subplot(1, 5, n + 1)
-        for k in range(len(ex["ho_targets"])):
-            ax.plot(ex["psth_t"][k, n], color=f"C{k}"), ax.plot(ex["psth_g"][k, n], "--", color=f"C{k}")
-        ax.set(title=f"neuron {n}: true -, generated --", xlabel="bin")
-    ax = fig.add_subplot(1, 5, 5)
-    ax.hist(ex["psth_r2_neurons"], bins=20), ax.set(title="per-neuron PSTH R^2")
-    fig = figs["summary"] = Figure(figsize=(12, 3))  # 7) summary bars + 8) training curve
-    keys = ["snr_train", "heldout_r2", "psth_r2", "cos_wx_wy", "unwanted"]
-    for j, k in enumerate(keys):
-        ax = fig.add_subplot(1, len(keys) + 1, j + 1)
-        ax.bar(list(res), [metrics[f"{LATENTS[n]}_{k}"] for n in res], color=["C1", "C7", "C2"][:R])
-        ax.set(title=k), ax.tick_params(axis="x", labelsize=7, labelrotation=30)
-    ax = fig.add_subplot(1, len(keys) + 1, len(keys) + 1)
-    ax.semilogy([h["step"] for h in hist], [h["score"] for h in hist], lw=0.5), ax.set(title="L_score", xlabel="step")
-    for name, fig in figs.items():
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "figures", f"{name}.png"), dpi=80)
+def encode(model: GNOCCHI, x: torch.Tensor) -> np.ndarray:
+    """Codes c = f_phi(x0) of the trials x (M, N, T) -> (M, L), float64 numpy (on the CPU: MPS has no float64)."""
+    model.eval()
+    with torch.no_grad():
+        return model.encoder(x).cpu().numpy().astype(np.float64)
+
+
+def val_code_r2(model: GNOCCHI, x: torch.Tensor, d: dict) -> float:
+    """Validation R^2 of a code -> target regression fit on training trials (0 without targets)."""
+    if "targets" not in d:
+        return 0.0
+    C, Y = encode(model, x), d["targets"]
+    return float(r2(Y[d["val"]], ridge(C[d["train"]], Y[d["train"]])(C[d["val"]])).mean())
+
+
+def gnocchi_latent(model: GNOCCHI, x: torch.Tensor, seed: int):
+    """GNOCCHI as a latent: (codes (M, L), generator codes (K, L) -> DDIM samples (K, N, T) in z units). The x_T (and
+    DDIM noise) draws of the whole evaluation come from one seeded CPU generator, in chunks of 256 codes."""
+    codes, g = encode(model, x), torch.Generator().manual_seed(seed + 2)
+
+    def gen(c):
+        chunks = np.split(c, np.arange(256, len(c), 256))
+        samples = [model.sample(torch.tensor(cb, dtype=torch.float32).to(x.device), g) for cb in chunks]
+        return np.concatenate([s.cpu().numpy().astype(np.float64) for s in samples])
+    return codes, gen
+
+
+def fit_behaviour_decoder(d: dict):
+    """Linear trial-level decoder of the target from the flattened z-scored rates, fit on real training trials, used
+    to read out generated trials (and, on validation trials, the sanity check that the target is in the data).
+    NOTE (choice): ridge with lam 1. Returns decode: (K, N, T) -> (K, 2)."""
+    N, T = d["x"].shape[1:]
+    f = ridge(d["x"][d["train"]].reshape(-1, N * T), d["targets"][d["train"]], lam=1.0)  # (M_tr, N, T) -> (M_tr, N*T)
+
+    def decode(x):
+        return f(x.reshape(len(x), -1))                              # (K, N, T) -> (K, N*T) -> (K, 2)
+    val_r2 = r2(d["targets"][d["val"]], decode(d["x"][d["val"]])).mean()
+    print(f"sanity decode (linear, rates -> target): validation R^2 {val_r2:.3f}")
+    return decode
+
+
+def evaluate(cfg: Config, d: dict, latents: dict, hist: list, decode, lfads_kl=None) -> dict:
+    """metrics.json and what the outputs need: training summaries, the behaviour decoder's ceiling on real held-out
+    trials, conditional reconstruction from the codes of real trials, and latent_metrics of every latent (when
+    there are held-out targets). Returns dict(metrics, res (name -> (codes, extras)), real, generated, hist, codes)."""
+    tail = hist[-50:]
+    m = dict(final_score_loss=float(np.mean([h["score"] for h in tail])),
+             final_mmd=float(np.mean([h["mmd"] for h in tail])), val_code_r2=hist[-1]["val_code_r2"])
+    if lfads_kl is not None:
+        m["lfads_final_kl"] = lfads_kl
+    Y, va, ho = d.get("targets"), d["val"], d["heldout"]
+    if decode is not None:
+        m["sanity_decode_val_r2"] = float(r2(Y[va], decode(d["x"][va])).mean())
+        if ho.any():  # the ceiling for decoding generated held-out trials
+            yh = decode(d["x"][ho])
+            m["decoder_real_heldout_r2"] = float(r2(Y[ho], yh).mean())
+            m["decoder_real_heldout_err_cm"] = float(np.linalg.norm(yh - Y[ho], axis=1).mean())
+    n = min(len(d["x"]), 100)  # conditional generation from the codes of real trials: how much of x0 does c pin down?
+    codes, gen = latents["GNOCCHI"]
+    recon = gen(codes[:n])
+    m["recon_r2"] = float(1 - ((recon - d["x"][:n]) ** 2).sum() / (d["x"][:n] ** 2).sum())
+    ev = dict(metrics=m, res={}, real=d["rates"][:n], generated=recon, hist=hist,
+              codes={name: C for name, (C, _) in latents.items()})
+    if decode is not None and ho.any():
+        for name, (C, g) in latents.items():
+            lm, ex = latent_metrics(C, g, d, decode, cfg.n_gen)
+            m.update({f"{LATENTS[name]}_{k}": v for k, v in lm.items()})
+            ev["res"][name] = (C, ex)
+        ev["real"], ev["generated"] = d["rates"][ho], ev["res"]["GNOCCHI"][1]["gen"]
+    return ev
 
 
 # -----------------------------------------------------------------------------
-# CLI: parse -> seed -> device -> data (validated) -> train -> evaluate -> save
-# -----------------------------------------------------------------------------
-def parse_args(argv=None) -> Config:
-    """argparse built from the Config fields; --quick applied first, explicit flags override it."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    choices = dict(demo=DEMOS, device=("auto", "cpu", "cuda", "mps"), rec=("infodiff", "x0"))
-    for f in dataclasses.fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=None,
-                       choices=choices.get(f.name), help=f"(default: {f.default!r})")
-    p.add_argument("--quick", action="store_true", help="tiny preset, end to end in < 30 s on 2 CPU cores")
-    a = p.parse_args(argv)
-    cfg = dataclasses.replace(Config(), **(PRESETS["quick"] if a.quick else {}))
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in vars(a).items() if k != "quick" and v is not None})
-    for name in POSITIVE_FIELDS:
-        if getattr(cfg, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    if cfg.channels % 8:
-        p.error(f"--channels must be a multiple of 8 (GroupNorm with 8 groups), got {cfg.channels}")
-    cfg.out = cfg.out or os.path.join("runs", f"gnocchi_minimal-{cfg.demo}")
-    return cfg
-
-
-def prepare(d: dict, seed: int) -> dict:
-    """Split trials (held-out targets / 15% validation / train) and z-score every neuron with TRAINING statistics
-    only, so held-out trials never touch training or normalisation (spec s3.3). Adds x, truth (z units), masks."""
-    M = len(d["rates"])
-    d["val"] = ~d["heldout"] & (np.random.default_rng(seed + 1).random(M) < 0.15)
-    d["train"] = ~d["heldout"] & ~d["val"]
-    d["mu"] = d["rates"][d["train"]].mean((0, 2), keepdims=True)   # (1, N, 1)
-    d["sd"] = d["rates"][d["train"]].std((0, 2), keepdims=True) + 1e-6
-    d["x"] = (d["rates"] - d["mu"]) / d["sd"]                        # (M, N, T) model input
-    d["truth"] = (d.get("true_rates", d["rates"]) - d["mu"]) / d["sd"]  # noise-free rates when simulated
-    return d
-
-
-# -----------------------------------------------------------------------------
-# Baselines with the same code size L: PCA of the rates (required) and an LFADS-like sequential VAE (the paper's)
+# Baselines with the same code size L: PCA of the rates and an LFADS-like sequential VAE (the paper's baseline)
 # -----------------------------------------------------------------------------
 def pca_baseline(d: dict, L: int):
     """Baseline latent: PCA (fit on training trials) of the flattened z-scored rates with the same L. Its generator is
@@ -608,15 +851,18 @@ def pca_baseline(d: dict, L: int):
     X = d["x"].reshape(M, -1)                                        # (M, N, T) -> (M, N*T)
     mean = X[d["train"]].mean(0)
     V = np.linalg.svd(X[d["train"]] - mean, full_matrices=False)[2][:L].T  # (N*T, L) top principal axes
-    return (X - mean) @ V, lambda c: (mean + c @ V.T).reshape(len(c), N, T)
+
+    def gen(c):
+        return (mean + c @ V.T).reshape(len(c), N, T)               # (K, N*T) -> (K, N, T)
+    return (X - mean) @ V, gen
 
 
 class SeqVAE(nn.Module):
-    """LFADS-like sequential VAE (Pandarinath et al. 2018; spec s4 "LFADS as the paper likely used it"): a
-    bidirectional GRU reads the trial and gives the posterior q(g0 | x) = N(mu, diag sigma^2) of the initial condition
-    g0 in R^L; an autonomous generator GRU starts from h_0 = tanh(W g0 + b) (NOTE (choice): tanh keeps h_0 in the
-    GRU's state range) and unrolls T steps; factors f_t = W_f h_t (no bias, as in LFADS) are read out linearly.
-    The code of a trial is mu, as GNOCCHI's is f_phi(x0).
+    """LFADS-like sequential VAE (Pandarinath et al. 2018; lfads-torch): a bidirectional GRU reads the trial and gives
+    the posterior q(g0 | x) = N(mu, diag sigma^2) of the initial condition g0 in R^L; an autonomous generator GRU
+    starts from h_0 = tanh(W g0 + b) (NOTE (choice): tanh keeps h_0 in the GRU's state range) and unrolls T steps;
+    factors f_t = W_f h_t (no bias, as in LFADS) are read out linearly. The code of a trial is mu, as GNOCCHI's is
+    f_phi(x0).
     NOTE (deviation): no controller (inferred inputs), no coordinated dropout, a Gaussian (MSE) likelihood on the
     z-scored smoothed rates instead of Poisson on counts (this data set's model input), prior N(0, I), CPU widths."""
 
@@ -640,36 +886,140 @@ class SeqVAE(nn.Module):
     def loss(self, x, kl_weight: float = 1.0):
         """Negative ELBO per trial / (N T): Gaussian reconstruction (unit variance) + KL(q(g0 | x) || N(0, I))."""
         mu, logvar = self.posterior(x)
-        g0 = mu + (0.5 * logvar).exp() * torch.randn_like(mu)      # reparameterised sample
+        # g0 = mu + sigma * z (reparameterised sample)
+        g0 = mu + (0.5 * logvar).exp() * torch.randn(mu.shape).to(mu.device)
         rec = 0.5 * ((self.decode(g0, x.shape[2]) - x) ** 2).sum((1, 2))
-        kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1)     # closed-form Gaussian KL
+        # KL = 1/2 sum (mu^2 + sigma^2 - 1 - log sigma^2)   (closed-form Gaussian KL)
+        kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1)
         return (rec + kl_weight * kl).mean() / x[0].numel(), kl.mean().item()
 
 
-def lfads_baseline(d: dict, L: int, steps: int, device, batch: int = 64):
-    """Train SeqVAE on the training trials (Adam lr 3e-3, KL weight ramped 0 -> 1 over the first half, as LFADS ramps
-    its KL weight). Returns (codes mu (M, L), generator c (K, L) -> (K, N, T), final KL per trial)."""
+def lfads_baseline(d: dict, cfg: Config, device: torch.device):
+    """Train SeqVAE with L = code_dim on the training trials (Adam lr 3e-3, KL weight ramped 0 -> 1 over the first
+    half, as LFADS ramps its KL weight). Returns (codes mu (M, L), generator c (K, L) -> (K, N, T), final KL)."""
     N, T = d["x"].shape[1:]
-    vae = SeqVAE(N, L).to(device)
-    x = torch.tensor(d["x"], dtype=torch.float32, device=device)
+    vae = SeqVAE(N, cfg.code_dim).to(device)
+    x = torch.tensor(d["x"], dtype=torch.float32).to(device)
     x_tr = x[torch.from_numpy(d["train"]).to(device)]
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
-    prog, kl = Progress("LFADS-like", steps, every=max(1, steps // 20)), float("nan")
-    for step in range(1, steps + 1):
-        loss, kl = vae.loss(x_tr[torch.randint(0, len(x_tr), (batch,), device=device)], min(1.0, 2 * step / steps))
+    prog, kl = Progress("LFADS-like", cfg.lfads_steps), float("nan")
+    for step in range(1, cfg.lfads_steps + 1):
+        idx = torch.randint(0, len(x_tr), (cfg.batch,)).to(device)
+        loss, kl = vae.loss(x_tr[idx], min(1.0, 2 * step / cfg.lfads_steps))
+        value = loss.item()
+        check_finite(value, "LFADS-like", step, "extreme inputs or an unstable GRU (check the data's scale)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        prog(step, loss=loss.item(), kl=kl)
+        prog(step, loss=value, kl=kl)
     vae.eval()
     with torch.no_grad():
-        codes = vae.posterior(x)[0].double().cpu().numpy()             # (M, L) posterior means
+        codes = vae.posterior(x)[0].cpu().numpy().astype(np.float64)  # (M, L) posterior means
 
     def gen(c):                                                         # the generator's mean output for codes c
         with torch.no_grad():
-            return vae.decode(torch.tensor(c, dtype=torch.float32, device=device), T).double().cpu().numpy()
+            return vae.decode(torch.tensor(c, dtype=torch.float32).to(device), T).cpu().numpy().astype(np.float64)
     return codes, gen, kl
+
+
+# -----------------------------------------------------------------------------
+# Figures (matplotlib is imported here only), outputs, and the pipeline
+# -----------------------------------------------------------------------------
+def make_figures(d: dict, ev: dict) -> dict:
+    """name -> matplotlib Figure: task, latents, held-out prediction, traversal, PSTHs, summary."""
+    from matplotlib.figure import Figure
+    figs, Y, ho, res = {}, d["targets"], d["heldout"], ev["res"]
+    span = Y.max() - Y.min() + 1e-9
+    if "hand" in d:  # 1) task: grid + held-out targets, example hand paths, one neuron's PSTH by target
+        fig = figs["task"] = Figure(figsize=(10, 3.2))
+        a = fig.subplots(1, 3)
+        for k in np.unique(Y, axis=0):
+            sel = np.flatnonzero((Y == k).all(1))[:3]
+            a[0].plot(*d["hand"][sel].transpose(2, 1, 0), color="k" if ho[sel[0]] else "0.6", lw=0.8)
+        a[0].scatter(*Y[~ho].T, c="tab:blue", label="train target")
+        a[0].scatter(*Y[ho].T, c="tab:red", marker="*", s=120, label="held out")
+        a[0].legend(fontsize=7)
+        a[0].set_title("targets and hand paths (cm)")
+        for k in np.unique(Y, axis=0):
+            sel = (Y == k).all(1)
+            colour = ((k[0] - Y.min()) / span, 0.3, (k[1] - Y.min()) / span)
+            a[1].plot(d["t_ms"], d["rates"][sel, 0].mean(0), color=colour)
+        a[1].set(title="neuron 0 PSTH by target", xlabel="ms from onset", ylabel="Hz")
+        a[2].imshow(d["rates"][0], aspect="auto", cmap="viridis")
+        a[2].set(title="one trial", xlabel="bin", ylabel="neuron")
+    R = len(res)  # GNOCCHI and the baselines
+    fig = figs["latents"] = Figure(figsize=(9, 4 * R))  # 3) codes on (w_x, w_y) coloured by target, held-out overlaid
+    for r, (name, (C, ex)) in enumerate(res.items()):
+        P = (C - ex["c_bar"]) @ np.linalg.pinv(ex["W"]).T           # (M, L) -> (M, 2) coordinates in (w_x, w_y)
+        for a in range(2):
+            ax = fig.add_subplot(R, 2, 2 * r + a + 1)
+            ax.scatter(*P[~ho].T, c=Y[~ho, a], s=4, cmap="coolwarm")
+            ax.scatter(*P[ho].T, c=Y[ho, a], s=18, cmap="coolwarm", edgecolors="k", linewidths=0.5)
+            ax.set(title=f"{name}: colour = target {'xy'[a]}", xlabel="w_x", ylabel="w_y")
+    fig = figs["heldout_prediction"] = Figure(figsize=(4 * R, 3.5))  # 4) predicted vs true held-out targets
+    for j, (name, (C, ex)) in enumerate(res.items()):
+        ax = fig.add_subplot(1, R, j + 1)
+        ax.scatter(*ex["pred"].T, s=6, c=np.unique(Y[ho], axis=0, return_inverse=True)[1].ravel(), cmap="tab10")
+        ax.scatter(*ex["ho_targets"].T, marker="*", s=200, c="k")
+        ax.set(title=f"{name}: predicted held-out targets")
+    fig = figs["traversal"] = Figure(figsize=(4 * R, 3.5))  # 5) decoded endpoints along w_x and w_y sweeps
+    for j, (name, (C, ex)) in enumerate(res.items()):
+        ax = fig.add_subplot(1, R, j + 1)
+        for a, mk in enumerate("ox"):
+            ax.scatter(*ex["trav"][a].T, c=np.repeat(np.arange(5), len(ex["trav"][a]) // 5), cmap="viridis",
+                       marker=mk, s=12, label=f"sweep along w_{'xy'[a]}")
+        ax.legend(fontsize=7)
+        ax.set(title=f"{name}: decoded endpoints", xlabel="x (cm)", ylabel="y (cm)")
+    ex = res["GNOCCHI"][1]  # 6) generated vs true PSTHs for held-out targets (z units), per-neuron R^2 histogram
+    fig = figs["psth"] = Figure(figsize=(12, 3))
+    for n in range(4):
+        ax = fig.add_subplot(1, 5, n + 1)
+        for k in range(len(ex["ho_targets"])):
+            ax.plot(ex["psth_t"][k, n], color=f"C{k}")
+            ax.plot(ex["psth_g"][k, n], "--", color=f"C{k}")
+        ax.set(title=f"neuron {n}: true -, generated --", xlabel="bin")
+    ax = fig.add_subplot(1, 5, 5)
+    ax.hist(ex["psth_r2_neurons"], bins=20)
+    ax.set(title="per-neuron PSTH R^2")
+    fig = figs["summary"] = Figure(figsize=(12, 3))  # 7) summary bars + 8) training curve
+    keys = ["snr_train", "heldout_r2", "psth_r2", "cos_wx_wy", "unwanted"]
+    for j, k in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys) + 1, j + 1)
+        ax.bar(list(res), [ev["metrics"][f"{LATENTS[n]}_{k}"] for n in res], color=["C1", "C7", "C2"][:R])
+        ax.set(title=k)
+        ax.tick_params(axis="x", labelsize=7, labelrotation=30)
+    ax = fig.add_subplot(1, len(keys) + 1, len(keys) + 1)
+    ax.semilogy([h["step"] for h in ev["hist"]], [h["score"] for h in ev["hist"]], lw=0.5)
+    ax.set(title="L_score", xlabel="step")
+    return figs
+
+
+def write_outputs(cfg: Config, d: dict, model: GNOCCHI, ev: dict, sw: Stopwatch) -> None:
+    """Figures, samples.npz (real and generated rates in the data's units), codes.npz, gnocchi.pt, timing.json, then
+    metrics.json last; prints the metrics table."""
+    if ev["res"]:
+        for name, fig in make_figures(d, ev).items():
+            save_figure(fig, os.path.join(cfg.out, "figures", f"{name}.png"))
+    sw.lap("figures")
+    real = ev["real"].astype(np.float32)
+    generated = (ev["generated"] * d["sd"] + d["mu"]).astype(np.float32)  # z units -> the data's units
+    save_atomic(os.path.join(cfg.out, "samples.npz"), lambda f: np.savez_compressed(f, real=real, generated=generated))
+    codes = dict(codes=ev["codes"]["GNOCCHI"], baseline_codes=ev["codes"]["PCA"], heldout=d["heldout"])
+    if "targets" in d:
+        codes["targets"] = d["targets"]
+    if "LFADS-like" in ev["codes"]:
+        codes["lfads_codes"] = ev["codes"]["LFADS-like"]
+    save_atomic(os.path.join(cfg.out, "codes.npz"), lambda f: np.savez_compressed(f, **codes))
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    save_atomic(os.path.join(cfg.out, "gnocchi.pt"), lambda f: torch.save(state, f))
+    sw.lap("save")
+    write_json(os.path.join(cfg.out, "timing.json"), dict(sw.times, total=round(sum(sw.times.values()), 2)))
+    write_json(os.path.join(cfg.out, "metrics.json"), ev["metrics"])  # last, atomic
+    print("\nmetric" + " " * 34 + "value")
+    for k, v in ev["metrics"].items():
+        print(f"  {k:<38} {v:.4g}")
+    print(f"outputs in {cfg.out}; total {sum(sw.times.values()):.0f}s")
 
 
 def main(argv=None) -> dict:
@@ -678,87 +1028,38 @@ def main(argv=None) -> dict:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     device = get_device(cfg.device)
-    t0 = time.time()
-    d = prepare(load_data(cfg.data, cfg) if cfg.data else make_data(cfg), cfg.seed)  # ValueError before any output
-    (M, N, T), Y, has_y = d["x"].shape, d.get("targets"), "targets" in d
+    sw = Stopwatch()
+    # Data: simulated reaches or --data (ValueError before any output), split, z-scored with training statistics
+    d = prepare(load_data(cfg.data, cfg) if cfg.data else make_data(cfg), cfg.seed)
+    M, N, T = d["x"].shape
     print(f"data: {M} trials, {N} neurons, {T} bins; {d['train'].sum()} train / {d['val'].sum()} val / "
           f"{d['heldout'].sum()} held-out trials; median rate {np.median(d['rates']):.3g}")
-    metrics = {}
-    if has_y:  # behaviour decoder (real training trials, flattened rates -> target); doubles as the sanity decode
-        dec = ridge(d["x"][d["train"]].reshape(-1, N * T), Y[d["train"]], lam=1.0)  # NOTE (choice): ridge, lam 1
-        decode = lambda x: dec(x.reshape(len(x), -1))                # (K, N, T) -> (K, 2)
-        metrics["sanity_decode_val_r2"] = float(r2(Y[d["val"]], decode(d["x"][d["val"]])).mean())
-        if d["heldout"].any():  # the ceiling for decoding generated held-out trials
-            yh = decode(d["x"][d["heldout"]])
-            metrics["decoder_real_heldout_r2"] = float(r2(Y[d["heldout"]], yh).mean())
-            metrics["decoder_real_heldout_err_cm"] = float(np.linalg.norm(yh - Y[d["heldout"]], axis=1).mean())
-        print(f"sanity decode (linear, rates -> target): validation R^2 {metrics['sanity_decode_val_r2']:.3f}")
-    os.makedirs(os.path.join(cfg.out, "figures"), exist_ok=True)
-    write_json_atomic(os.path.join(cfg.out, "config.json"), dict(
-        config=dataclasses.asdict(cfg), seed=cfg.seed, device=str(device), python=platform.python_version(),
-        torch=torch.__version__, numpy=np.__version__, threads=torch.get_num_threads()))
-    timing = dict(data=time.time() - t0)
-
+    prepare_out(cfg.out)
+    write_json(os.path.join(cfg.out, "config.json"), run_info(cfg, device))
+    decode = fit_behaviour_decoder(d) if "targets" in d else None
+    sw.lap("data")
+    # Model and training: encoder + AdaGN U-Net, score + reconstruction + MMD loss
     model = GNOCCHI(cfg, N, T).to(device)
-    print(f"GNOCCHI: {sum(p.numel() for p in model.parameters()) / 1e3:.1f}k parameters on {device}")
-    x_all = torch.tensor(d["x"], dtype=torch.float32, device=device)
-
-    def encode(model):
-        model.eval()
-        with torch.no_grad():
-            return model.encoder(x_all).double().cpu().numpy()     # (M, N, T) -> (M, L)
-
-    def monitor(model):
-        C = encode(model)
-        return float(r2(Y[d["val"]], ridge(C[d["train"]], Y[d["train"]])(C[d["val"]])).mean()) if has_y else 0.0
-
-    t1 = time.time()
-    hist = train(model, x_all[torch.from_numpy(d["train"]).to(device)], cfg, monitor)
-    timing["train"], t1 = time.time() - t1, time.time()
-    codes, gen_x = encode(model), torch.Generator(device=device).manual_seed(cfg.seed + 2)  # fixed x_T draws
-
-    def gen(c):  # codes (K, L) -> generated z-scored trials (K, N, T), in chunks of 256
-        return np.concatenate([model.sample(torch.tensor(cb, dtype=torch.float32, device=device), gen_x)
-                               .double().cpu().numpy() for cb in np.split(c, np.arange(256, len(c), 256))])
-
-    latents = {"GNOCCHI": (codes, gen), "PCA": pca_baseline(d, cfg.code_dim)}
+    report_size(model, cfg, device)
+    x = torch.tensor(d["x"], dtype=torch.float32).to(device)
+    hist = train(model, x, d, cfg)
+    sw.lap("train")
+    # Latents to compare at the same code size: GNOCCHI's codes, PCA and the LFADS-like sequential VAE
+    latents = {"GNOCCHI": gnocchi_latent(model, x, cfg.seed), "PCA": pca_baseline(d, cfg.code_dim)}
+    lfads_kl = None
     if cfg.lfads_steps:
-        t2 = time.time()
-        *latents["LFADS-like"], metrics["lfads_final_kl"] = lfads_baseline(d, cfg.code_dim, cfg.lfads_steps, device)
-        timing["lfads_train"] = time.time() - t2
-    n = min(M, 100)  # conditional generation from the codes of real trials: how much of x0 does c pin down?
-    recon = gen(codes[:n])
-    metrics["recon_r2"] = float(1 - ((recon - d["x"][:n]) ** 2).sum() / (d["x"][:n] ** 2).sum())
-    metrics.update(final_score_loss=float(np.mean([h["score"] for h in hist[-50:]])),
-                   final_mmd=float(np.mean([h["mmd"] for h in hist[-50:]])), val_code_r2=hist[-1]["val_code_r2"])
-    real, generated, res = d["rates"][:n], recon, {}
-    if has_y and d["heldout"].any():
-        for name, (C, g) in latents.items():
-            m, ex = latent_metrics(C, g, d, decode, cfg.n_gen)
-            metrics.update({f"{LATENTS[name]}_{k}": v for k, v in m.items()})
-            res[name] = (C, ex)
-        real, generated = d["rates"][d["heldout"]], res["GNOCCHI"][1]["gen"]
-    timing["eval"], t1 = time.time() - t1 - timing.get("lfads_train", 0.0), time.time()  # sampling and metrics
-    if res:
-        make_figures(cfg.out, d, res, hist, metrics)
-    timing["figures"] = time.time() - t1
-    np.savez(os.path.join(cfg.out, "samples.npz"), real=real.astype(np.float32),  # rates in the data's units (Hz)
-             generated=(generated * d["sd"] + d["mu"]).astype(np.float32))
-    extra = dict(targets=Y) if has_y else {}
-    if cfg.lfads_steps:
-        extra["lfads_codes"] = latents["LFADS-like"][0]
-    np.savez(os.path.join(cfg.out, "codes.npz"), codes=codes, baseline_codes=latents["PCA"][0], heldout=d["heldout"],
-             **extra)
-    torch.save(model.state_dict(), os.path.join(cfg.out, "gnocchi.pt"))
-    timing["total"] = time.time() - t0
-    write_json_atomic(os.path.join(cfg.out, "timing.json"), timing)
-    write_json_atomic(os.path.join(cfg.out, "metrics.json"), metrics)  # last, atomic
-    print("\nmetric" + " " * 34 + "value")
-    for k, v in metrics.items():
-        print(f"  {k:<38} {v:.4g}")
-    print(f"outputs in {cfg.out}; total {timing['total']:.0f}s")
-    return metrics
+        codes, gen, lfads_kl = lfads_baseline(d, cfg, device)
+        latents["LFADS-like"] = (codes, gen)
+        sw.lap("lfads_train")
+    # Sampling and evaluation: reconstruction, navigation to held-out targets, disentanglement metrics
+    ev = evaluate(cfg, d, latents, hist, decode, lfads_kl)
+    sw.lap("eval")
+    write_outputs(cfg, d, model, ev, sw)
+    return ev["metrics"]
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FloatingPointError) as e:  # bad input or a diverged run: one sentence, exit status 1
+        sys.exit(f"error: {e}")

@@ -17,16 +17,23 @@ Sections (paper -> code):
   Spike-history observation model (Sec. 3.3; train_spike_history_monkey.ipynb) ... SpikeHistoryGLM
   Generation: noise -> z -> un-normalise -> decode -> spikes ...................... generate
   Evaluation (ldns/utils/eval_utils.py, plotting_diffusion_Lorenz.ipynb) .......... spike_stats, compare, evaluate
+  Variable-length trials (Sec. 4.2 recipe; train_autoencoder_human.ipynb, train_diffusion_human.ipynb,
+    ldns/data/human.py): end padding, causal AE, masked statistics, centred re-padding,
+    mask channel, sampling at requested lengths, per-length-bucket evaluation ....... make_lorenz_varlen, end_mask,
+    causal_instance_norm, masked_latent_stats, centre_pad, crop_centred, sample_at_lengths, evaluate_varlen
   Figures, outputs and the pipeline ............................................. make_figures, write_outputs, main
 
 Run (2-core x86-64 CPU, --device cpu):
   python ldns_minimal.py --demo lorenz             # ~4 min: r(PSC, corr, mean ISI, std ISI) 0.996/0.992/0.995/0.972
   python ldns_minimal.py --demo lorenz --long      # ~25 min: r 0.998/0.999/0.999/0.995, latent R^2 0.99
   python ldns_minimal.py --demo lorenz-refractory  # ~5 min: spike history; lag-1 ratio within 5% of the data's
+  python ldns_minimal.py --demo lorenz-varlen      # trials of 48-160 bins, one model, sampled at requested lengths
   python ldns_minimal.py --quick                   # ~10 s: every stage on a toy problem (numbers meaningless)
   python ldns_minimal.py --paper                   # the official scale (5000 x 256 trials, 1000-step sampler): a GPU job
   python ldns_minimal.py --data spikes.npz         # your own counts (trials, neurons, bins), npz key 'spikes'
 Outputs: config.json, metrics.json (last, atomic), timing.json, samples.npz, figures/*.png, ae.pt, denoiser.pt.
+lorenz-varlen: samples.npz arrays are padded at the end (valid bins first, zeros after), with lengths_real and
+lengths_generated; metrics per length bucket under len_<lo>-<hi>/.
 Shapes: B batch/trials, N neurons, T time bins, C hidden channels, d latent channels, H SSM channels (or history
 bins), n complex SSM modes. Everything is channels-first (B, C, T).
 Markers: `NOTE (deviation)` differs from the paper / official code (mostly CPU scale); `NOTE (choice)` a detail the
@@ -58,7 +65,7 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 @dataclass
 class Config:
-    demo: str = "lorenz"        # lorenz (Fig. 2) | lorenz-refractory (spike history)
+    demo: str = "lorenz"        # lorenz (Fig. 2) | lorenz-refractory (spike history) | lorenz-varlen (trial lengths)
     preset: str = ""            # set by --quick / --long / --paper
     seed: int = 0
     device: str = "auto"        # auto | cpu | cuda | mps
@@ -94,13 +101,18 @@ class Config:
     # spike-history observation model (Sec. 3.3), fitted after the AE and the denoiser
     spike_history: bool = False
     sh_bins: int = 20           # H history bins, official 20
-    sh_epochs: int = 300        # NOTE (deviation): official 3000 full-batch epochs; the fit has converged earlier
-    sh_trials: int = 256        # training trials the GLM is fitted on (official: all of them)
+    sh_epochs: int = 800        # NOTE (deviation): official 3000 full-batch epochs; fewer for a CPU run
+    sh_trials: int = 128        # training trials the GLM is fitted on (official: all of them)
     sh_lr: float = 0.1          # official AdamW lr 0.1, weight decay 0.01
     sh_cap: int = 5             # spike counts are capped at 5 for fitting and sampling, as official
+    # variable-length trials (--demo lorenz-varlen; the human-speech recipe, Sec. 4.2)
+    ae_causal: bool = False     # causal AE (forward S4 kernel, causal_instance_norm); official for padded trials
+    len_min: int = 0            # shortest trial length (lengths uniform in len_min..n_bins); 0 -> 0.3 n_bins
+    n_buckets: int = 3          # length buckets of the evaluation
 
 
-DEMOS = {"lorenz": {}, "lorenz-refractory": dict(spike_history=True)}
+DEMOS = {"lorenz": {}, "lorenz-refractory": dict(spike_history=True),
+         "lorenz-varlen": dict(n_bins=160, ae_causal=True)}
 PRESETS = {
     "quick": (dict(n_trials=60, n_bins=32, n_neurons=32, ae_channels=16, ae_blocks=1, d_state=16, ae_steps=100,
                    dn_channels=16, dn_blocks=1, dn_steps=300, sample_steps=10, n_gen=20, n_long=1, sh_bins=8,
@@ -114,7 +126,8 @@ PRESETS = {
 CHOICES = dict(demo=tuple(DEMOS), device=("auto", "cpu", "cuda", "mps"), preset=("", *PRESETS))
 POSITIVE_FIELDS = ("n_trials", "n_bins", "n_neurons", "ae_channels", "ae_blocks", "d_latent", "d_state", "ae_steps",
                    "ae_batch", "ae_lr", "dn_channels", "dn_blocks", "dn_steps", "dn_batch", "dn_lr", "n_diffusion",
-                   "sample_steps", "n_gen", "n_long", "sh_bins", "sh_epochs", "sh_trials", "sh_lr", "sh_cap")
+                   "sample_steps", "n_gen", "n_long", "sh_bins", "sh_epochs", "sh_trials", "sh_lr", "sh_cap",
+                   "n_buckets")
 MAX_COUNT = 500                 # largest plausible spike count in one bin of --data (about 100 kHz at 5 ms bins)
 
 
@@ -128,6 +141,18 @@ def check_config(cfg):
         return f"--sample-steps must be <= --n-diffusion ({cfg.n_diffusion}), got {cfg.sample_steps}"
     if cfg.spike_history and cfg.sh_bins >= cfg.n_bins and not cfg.data:
         return f"--sh-bins ({cfg.sh_bins}) must be smaller than --n-bins ({cfg.n_bins})"
+    if cfg.demo != "lorenz-varlen":
+        return f"--len-min is used only by --demo lorenz-varlen, got {cfg.len_min}" if cfg.len_min else None
+    if cfg.data or cfg.spike_history:
+        return "--demo lorenz-varlen simulates its own trials and has no spike-history model: drop --data, --spike-history"
+    if not cfg.ae_causal:
+        return "--demo lorenz-varlen needs --ae-causal 1 (a bidirectional AE lets the end padding reach valid bins)"
+    cfg.len_min = cfg.len_min or max(2, round(0.3 * cfg.n_bins))
+    if not 2 <= cfg.len_min <= cfg.n_bins:
+        return f"--len-min must be between 2 and --n-bins ({cfg.n_bins}), got {cfg.len_min}"
+    if cfg.n_buckets > cfg.n_bins - cfg.len_min + 1:
+        return (f"--n-buckets must be at most the number of trial lengths (--n-bins - --len-min + 1 = "
+                f"{cfg.n_bins - cfg.len_min + 1}), got {cfg.n_buckets}")
     return None
 
 
@@ -198,6 +223,8 @@ def parse_args(argv=None) -> "Config":
     then explicit flags. Bad values exit with status 2 and a message that names the flag."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f in dataclasses.fields(Config):
+        if f.name == "preset":                                 # set by the preset flags below
+            continue
         kw = dict(type=str2bool, nargs="?", const=True) if isinstance(f.default, bool) else dict(type=type(f.default))
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, choices=CHOICES.get(f.name),
                        help=f"(default: {f.default!r})", **kw)
@@ -235,7 +262,8 @@ def load_arrays(path: str) -> dict:
             arrays = {k: obj[k] for k in obj.files} if isinstance(obj, np.lib.npyio.NpzFile) else {"spikes": obj}
     except Exception as e:
         found = ("an object array, which would need unpickling" if "Object arrays" in str(e) else
-                 "content that is not a .npy or .npz file" if "pickle" in str(e) else f"{type(e).__name__}: {e}")
+                 "content that is not a .npy or .npz file" if "pickle" in str(e) else
+                 f"a corrupt or truncated file ({type(e).__name__}: {e})")
         raise ValueError(f"--data {path}: expected {want}, found {found}") from None
     for k, a in arrays.items():
         if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
@@ -319,16 +347,17 @@ def refractory_poisson(lam, rng, K=4):
     """Spikes with refractoriness, for the lorenz-refractory demo (not in the paper; it plays the role of the
     monkey data's single-neuron dynamics). Each neuron n has a self-inhibiting history filter
     h_{n,k} = -a_n exp(-(k-1)/tau_n), k = 1..K, with a_n ~ U[1.5, 3] and tau_n ~ U[0.5, 1.5] bins, and
-    s_{n,t} ~ Poisson(lam_{n,t} exp(sum_k h_{n,k} s_{n,t-k})): the Lorenz rate lam is multiplied by a gain that a
-    recent spike pushes towards 0 and that recovers within a few bins. lam (K_trials, N, T) -> counts, same shape."""
+    s_{n,t} ~ Poisson(softplus(log lam_{n,t} + sum_k h_{n,k} s_{n,t-k})): without recent spikes the rate is
+    softplus(log lam) = log(1 + lam), close to the Lorenz rate lam where it is small; a spike pushes it towards 0
+    for a few bins. This is the spike-history model's own form, with known weights. lam (B,N,T) -> counts."""
     B, N, T = lam.shape
     a, tau = rng.uniform(1.5, 3.0, N), rng.uniform(0.5, 1.5, N)
     h = -a[:, None] * np.exp(-np.arange(K) / tau[:, None])    # (N, K); column k-1 acts on s_{t-k}
     s = np.zeros((B, N, T), np.int64)
     for t in range(T):
         past = s[:, :, max(0, t - K):t][..., ::-1]             # (B, N, <=K): s_{t-1}, s_{t-2}, ...
-        drive = (past * h[:, :past.shape[-1]]).sum(-1)         # (B, N)
-        s[:, :, t] = rng.poisson(lam[:, :, t] * np.exp(drive))
+        drive = np.log(lam[:, :, t]) + (past * h[:, :past.shape[-1]]).sum(-1)  # (B, N)
+        s[:, :, t] = rng.poisson(np.logaddexp(0.0, drive))     # softplus(drive)
     return s
 
 
@@ -349,6 +378,24 @@ def make_lorenz_data(n_trials, T, N, rng, refractory=False):
     rates = 0.5 * np.logaddexp(0.0, 2.0 * u)
     spikes = refractory_poisson(rates, rng) if refractory else rng.poisson(rates)
     return dict(spikes=spikes, rates=rates.astype(np.float32), latents=latents.astype(np.float32))
+
+
+def make_lorenz_varlen(n_trials, T, N, len_min, rng):
+    """Variable-length Lorenz trials (lorenz-varlen): make_lorenz_data with T bins, each trial cut to a length
+    l ~ U{len_min..T} and zero-padded at the END (official ldns/data/human.py pads every trial at its end).
+    NOTE (choice): each trial is z-scored over its T simulated bins before the cut, so a bin has the same
+    distribution whatever the trial length; only the length varies across trials.
+    Returns spikes, rates (K,N,T) and latents (K,3,T), all zero after l_i, and lengths (K,) int64."""
+    data = make_lorenz_data(n_trials, T, N, rng)
+    lengths = rng.integers(len_min, T + 1, n_trials)           # uniform over len_min..T
+    m = (np.arange(T)[None] < lengths[:, None])[:, None]       # (K,T) -> (K,1,T) bool
+    return dict(spikes=data["spikes"] * m, rates=data["rates"] * m, latents=data["latents"] * m, lengths=lengths)
+
+
+def end_mask(lengths, T):
+    """Padding mask of end-padded trials: m_t = 1 on the valid bins t < l_i. lengths (B,) int -> (B,1,T) float."""
+    t = torch.arange(T, device=lengths.device)
+    return (t[None] < lengths[:, None]).float()[:, None]       # (B,T) -> (B,1,T)
 
 
 def load_spikes(path):
@@ -391,12 +438,16 @@ def make_data(cfg):
     print(f"[data] {'loading ' + cfg.data if cfg.data else 'simulating the Lorenz system (' + cfg.demo + ')'}")
     if cfg.data:
         data = load_spikes(cfg.data)
+    elif cfg.demo == "lorenz-varlen":
+        data = make_lorenz_varlen(cfg.n_trials, cfg.n_bins, cfg.n_neurons, cfg.len_min, rng)
     else:
         data = make_lorenz_data(cfg.n_trials, cfg.n_bins, cfg.n_neurons, rng, cfg.demo == "lorenz-refractory")
     data["train"], data["val"], data["test"] = split_trials(len(data["spikes"]), rng)
     K, N, T = data["spikes"].shape
     print(f"  {K} trials x {N} neurons x {T} bins; train/val/test {len(data['train'])}/{len(data['val'])}/"
           f"{len(data['test'])}; mean count {data['spikes'].mean():.3f} per bin")
+    if "lengths" in data:
+        print(f"  trial lengths {data['lengths'].min()}-{data['lengths'].max()} bins, zero-padded at the end to {T}")
     return data
 
 
@@ -478,16 +529,39 @@ class Conv1x1(nn.Conv1d):
         return y if self.bias is None else y + self.bias[:, None]
 
 
-def instance_norm(h):
-    """Normalise each (sample, channel) over time, no affine (InstanceNorm1d, eps 1e-5). (B,C,T) -> (B,C,T)."""
-    return F.instance_norm(h, eps=1e-5)
+def instance_norm(h, m=None):
+    """Normalise each (sample, channel) over time, no affine (InstanceNorm1d, eps 1e-5). (B,C,T) -> (B,C,T).
+    With a padding mask m (B,1,T): mean and (biased) variance over the valid bins only, padded bins set to 0,
+    mu = sum_t m_t h_t / sum_t m_t,  var = sum_t m_t (h_t - mu)^2 / sum_t m_t,  out = m (h - mu) / sqrt(var + eps)."""
+    if m is None:
+        return F.instance_norm(h, eps=1e-5)
+    n = m.sum(-1, keepdim=True)                                # (B,1,1) valid bins per trial
+    mu = (h * m).sum(-1, keepdim=True) / n                     # (B,C,1)
+    var = ((h - mu).pow(2) * m).sum(-1, keepdim=True) / n
+    return m * (h - mu) / (var + 1e-5).sqrt()
+
+
+def causal_instance_norm(h, eps=1e-5):
+    """Bin t normalised with the mean and variance of bins 0..t of its (sample, channel), no affine:
+    mu_t = (1/(t+1)) sum_{s<=t} h_s,  var_t = (1/(t+1)) sum_{s<=t} h_s^2 - mu_t^2,
+    out_t = (h_t - mu_t) / sqrt(var_t + eps).
+    (B,C,T) -> (B,C,T).
+    NOTE (deviation): the official causal AE (train_autoencoder_human.ipynb) keeps InstanceNorm1d, which normalises
+    over the whole window, padding included, so a valid bin still depends on how much padding follows it. Running
+    statistics over bins <= t make the AE strictly causal, so the end padding cannot reach a valid bin."""
+    n = torch.arange(1, h.shape[-1] + 1, device=h.device, dtype=h.dtype)  # (T,) = t + 1
+    mu = h.cumsum(-1) / n
+    var = (h.pow(2).cumsum(-1) / n - mu.pow(2)).clamp(min=0)
+    return (h - mu) / (var + eps).sqrt()
 
 
 # -----------------------------------------------------------------------------
 # Autoencoder (Sec. 3.1; blocks.AutoEncoder, losses.py): S4 encoder -> grouped bottleneck z -> pointwise decoder -> softplus rates
 # -----------------------------------------------------------------------------
 class AEBlock(nn.Module):
-    """Pre-norm residual block: h += s * GELU(S4(IN(h)(1+g1)+b1)) + c;  h += W2 GELU(W1 (IN(h)(1+g2)+b2))."""
+    """Pre-norm residual block: h += s * GELU(S4(IN(h)(1+g1)+b1)) + c;  h += W2 GELU(W1 (IN(h)(1+g2)+b2)).
+    bidirectional False (the official variable-length AE): a causal S4 kernel and causal_instance_norm, so the
+    output at bin t depends on inputs at bins <= t only."""
 
     def __init__(self, C, d_state, bidirectional=True):
         super().__init__()
@@ -495,16 +569,18 @@ class AEBlock(nn.Module):
         self.s4 = S4D(C, d_state, bidirectional)
         self.post_tm_scale = nn.Conv1d(C, C, 1, groups=C)      # depthwise per-channel scale s and bias c
         self.mlp = nn.Sequential(Conv1x1(C, 2 * C, bias=False), nn.GELU(), Conv1x1(2 * C, C, bias=False))
+        self.norm = instance_norm if bidirectional else causal_instance_norm
 
     def forward(self, h):                                      # h (B,C,T)
         sh1, sc1, _, sh2, sc2, _ = self.ada.chunk(6, dim=1)    # each (1,C,1)
-        h = h + self.post_tm_scale(F.gelu(self.s4(instance_norm(h) * (1 + sc1) + sh1)))
-        return h + self.mlp(instance_norm(h) * (1 + sc2) + sh2)
+        h = h + self.post_tm_scale(F.gelu(self.s4(self.norm(h) * (1 + sc1) + sh1)))
+        return h + self.mlp(self.norm(h) * (1 + sc2) + sh2)
 
 
 class AutoEncoder(nn.Module):
     """Encoder: Conv1x1(N->C) -> blocks -> grouped Conv1x1(C->d, groups=d). Decoder (pointwise in time, so all
-    temporal structure lives in z): grouped Conv1x1(d->C) -> GELU -> Conv1x1(C->N) -> softplus = rates."""
+    temporal structure lives in z): grouped Conv1x1(d->C) -> GELU -> Conv1x1(C->N) -> softplus = rates.
+    bidirectional False: every block is causal and the decoder is pointwise, so the whole AE is causal."""
 
     def __init__(self, N, C, d, n_blocks, d_state, bidirectional=True):
         super().__init__()
@@ -527,10 +603,14 @@ class AutoEncoder(nn.Module):
         return self.decode(z), z
 
 
-def masked_poisson_nll(rates, x, M):
-    """Poisson NLL (full, with Stirling term) on the DROPPED entries only (M == 0), averaged over ALL entries."""
+def masked_poisson_nll(rates, x, M, m=None):
+    """Poisson NLL (full, with Stirling term) on the DROPPED entries only (M == 0), averaged over ALL entries.
+    With a padding mask m (B,1,T) also times m, still averaged over all B*N*T entries, padding included, as in
+    train_autoencoder_human.ipynb (Poisson loss x dropout mask x signal mask, then the mean)."""
     nll = F.poisson_nll_loss(rates, x, log_input=False, full=True, eps=1e-8, reduction="none")  # (B,N,T)
-    return ((1 - M) * nll).mean()
+    if m is None:
+        return ((1 - M) * nll).mean()
+    return ((1 - M) * m * nll).mean()
 
 
 def latent_regulariser(z, beta_lat, beta_td, n_spike_entries, K=5):
@@ -539,12 +619,13 @@ def latent_regulariser(z, beta_lat, beta_td, n_spike_entries, K=5):
     return (beta_lat * z.pow(2).sum() + beta_td * td) / n_spike_entries
 
 
-def ae_loss(ae, x, cfg):
+def ae_loss(ae, x, cfg, m=None):
     """Coordinated dropout (train_autoencoder_Lorenz.ipynb): element-wise mask M ~ Bernoulli(1-p), input x M / (1-p),
-    Poisson loss on the dropped entries, plus the latent regulariser."""
+    Poisson loss on the dropped entries (times the padding mask m (B,1,T) if given), plus the latent regulariser.
+    The regulariser covers the whole window, padding included: train_autoencoder_human.ipynb does not mask it."""
     M = (torch.rand(x.shape).to(x.device) >= cfg.mask_p).float()  # (B,N,T), 1 = kept
     rates, z = ae(x * M / (1 - cfg.mask_p))
-    return masked_poisson_nll(rates, x, M) + latent_regulariser(z, cfg.beta_lat, cfg.beta_td, x.numel())
+    return masked_poisson_nll(rates, x, M, m) + latent_regulariser(z, cfg.beta_lat, cfg.beta_td, x.numel())
 
 
 # -----------------------------------------------------------------------------
@@ -569,10 +650,10 @@ class DenoiserBlock(nn.Module):
         self.s4 = S4D(C, d_state, bidirectional=True)           # official denoisers are always bidirectional
         self.mlp = nn.Sequential(Conv1x1(C, 2 * C), nn.GELU(), Conv1x1(2 * C, C))
 
-    def forward(self, h, e):                                   # h (B,C,T), e (B,C/4)
+    def forward(self, h, e, m=None):                           # h (B,C,T), e (B,C/4), padding mask m (B,1,T)
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.gelu(e))[..., None].chunk(6, dim=1)  # (B,6C,1) -> 6 x (B,C,1)
-        h = h + g1 * F.gelu(self.s4(instance_norm(h) * (1 + sc1) + sh1))
-        return h + g2 * self.mlp(instance_norm(h) * (1 + sc2) + sh2)
+        h = h + g1 * F.gelu(self.s4(instance_norm(h, m) * (1 + sc1) + sh1))
+        return h + g2 * self.mlp(instance_norm(h, m) * (1 + sc2) + sh2)
 
 
 class Denoiser(nn.Module):
@@ -582,11 +663,17 @@ class Denoiser(nn.Module):
     own C/C_in hidden channels) when C_in = d + d_extra divides C, as official.
     Conditioning as in the official monkey models: extra (B, d_extra, T) channels (velocity traces, a padding mask)
     are concatenated to z_t; a vector c (B, d_cond) passes Linear(d_cond, C/4) -> SiLU -> Linear(C/4, C/4) and is
-    ADDED to e (ConditionalDenoiser), reaching every block through the zero-initialised adaLN."""
+    ADDED to e (ConditionalDenoiser), reaching every block through the zero-initialised adaLN.
+    mask_norm True (lorenz-varlen): extra[:, :1] is the centred padding mask m, and the blocks normalise over its
+    valid bins (instance_norm(h, m)), so the output on valid bins does not depend on what the padding holds."""
 
-    def __init__(self, d, C, n_blocks, d_state, d_extra=0, d_cond=0):
+    def __init__(self, d, C, n_blocks, d_state, d_extra=0, d_cond=0, mask_norm=False):
         super().__init__()
         self.d, C_in = d, d + d_extra
+        # NOTE (deviation): official (train_diffusion_human.ipynb) feeds the mask channel only and normalises over
+        # the whole window. The loss ignores the padding, so the sampler leaves unconstrained values there, which a
+        # whole-window norm and the S4 kernels carry into the valid bins; masked norms keep the padding out.
+        self.mask_norm = mask_norm
         g = C_in if (C % C_in == 0 and C > C_in) else 1
         self.conv_in = nn.Conv1d(C_in, C, 1, groups=g)
         self.t_mlp = nn.Sequential(nn.Linear(256, C // 4), nn.SiLU(), nn.Linear(C // 4, C // 4))
@@ -608,8 +695,9 @@ class Denoiser(nn.Module):
         if c is not None:
             e = e + self.c_mlp(c)                              # e = e_t + e_c
         h = self.conv_in(z if extra is None else torch.cat([z, extra], 1))  # (B,d+d_extra,T) -> (B,C,T)
+        m = extra[:, :1] if self.mask_norm else None           # (B,1,T) padding mask
         for blk in self.blocks:
-            h = blk(h, e)
+            h = blk(h, e, m)
         sh, sc = self.ada_out(F.gelu(e))[..., None].chunk(2, dim=1)  # (B,2C,1) -> 2 x (B,C,1)
         return self.conv_out(h * (1 + sc) + sh)[:, :self.d]   # (B,C,T) -> (B,d+d_extra,T) -> (B,d,T)
 
@@ -632,7 +720,9 @@ class DDPM(nn.Module):
 
     def loss(self, model, x0, mask=None, **cond):
         """Alg. 1: t ~ U{0..T-1} per sample, eps ~ N(0,I), loss || eps - eps_theta(x_t, t, cond) ||^2, averaged
-        over the latent entries (only over valid bins, mask (B,1,T) = 1, when a padding mask is given)."""
+        over the latent entries (only over valid bins, mask (B,1,T) = 1, when a padding mask is given).
+        NOTE (deviation): with a mask, train_diffusion_human.ipynb uses SmoothL1(beta 0.04) x mask; here the eps-MSE
+        of the Lorenz recipe, whose minimiser is the posterior mean of eps that the ancestral sampler assumes."""
         t = torch.randint(0, len(self.beta), (len(x0),)).to(x0.device)
         eps = torch.randn(x0.shape).to(x0.device)
         eps_hat = model(self.q_sample(x0, t, eps), t, **cond)
@@ -738,13 +828,16 @@ def batched(fn, x, bs=256):
     return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)])
 
 
-def train_autoencoder(cfg, x_tr):
-    """Stage 1 (train_autoencoder_Lorenz.ipynb): the S4 autoencoder with coordinated dropout, clip 2.0.
-    x_tr (K,N,T) training spikes -> the trained AE in eval mode."""
-    ae = AutoEncoder(x_tr.shape[1], cfg.ae_channels, cfg.d_latent, cfg.ae_blocks, cfg.d_state).to(x_tr.device)
-    print(f"[autoencoder] {sum(p.numel() for p in ae.parameters()):,} parameters")
-    fit(ae, lambda idx: ae_loss(ae, x_tr[idx], cfg), len(x_tr), steps=cfg.ae_steps, batch=cfg.ae_batch,
-        lr=cfg.ae_lr, clip=2.0, name="AE")
+def train_autoencoder(cfg, x_tr, lengths=None):
+    """Stage 1 (train_autoencoder_Lorenz.ipynb): the S4 autoencoder with coordinated dropout, clip 2.0; causal
+    with --ae-causal. x_tr (K,N,T) training spikes; lengths (K,) of end-padded trials: the loss is masked
+    (train_autoencoder_human.ipynb). Returns the trained AE in eval mode."""
+    ae = AutoEncoder(x_tr.shape[1], cfg.ae_channels, cfg.d_latent, cfg.ae_blocks, cfg.d_state,
+                     bidirectional=not cfg.ae_causal).to(x_tr.device)
+    m = None if lengths is None else end_mask(lengths, x_tr.shape[-1])  # (K,1,T)
+    print(f"[autoencoder] {'causal, ' if cfg.ae_causal else ''}{sum(p.numel() for p in ae.parameters()):,} parameters")
+    fit(ae, lambda idx: ae_loss(ae, x_tr[idx], cfg, None if m is None else m[idx]), len(x_tr), steps=cfg.ae_steps,
+        batch=cfg.ae_batch, lr=cfg.ae_lr, clip=2.0, name="AE")
     return ae.eval()
 
 
@@ -754,15 +847,72 @@ def latent_stats(z_tr):
     return z_tr.mean((0, 2), keepdim=True), z_tr.std((0, 2), keepdim=True)
 
 
-def train_denoiser(cfg, zn_tr):
-    """Stage 2 (train_diffusion_Lorenz.ipynb): DDPM on the normalised, clamped training latents zn_tr (K,d,T);
-    clip 1.0, EMA of the weights. Returns (ddpm, EMA denoiser)."""
+def masked_latent_stats(z, m):
+    """Per-channel mean and std over the valid bins of all trials (official LatentHumanDataset):
+    mu = sum m z / sum m,  sigma^2 = sum m (z - mu)^2 / sum m (biased, as official). z (K,d,T), m (K,1,T) ->
+    mu, sigma (1,d,1)."""
+    n = m.sum()
+    mu = (z * m).sum((0, 2), keepdim=True) / n
+    var = ((z - mu).pow(2) * m).sum((0, 2), keepdim=True) / n
+    return mu, var.sqrt()
+
+
+def centre_mask(lengths, T):
+    """Centred mask: 1 on bins (T - l)//2 .. (T - l)//2 + l - 1 (official sample_spikes_with_mask). -> (B,1,T)"""
+    left = (T - lengths) // 2
+    t = torch.arange(T, device=lengths.device)
+    return ((t[None] >= left[:, None]) & (t[None] < (left + lengths)[:, None])).float()[:, None]  # (B,T)->(B,1,T)
+
+
+def centre_pad(z, lengths):
+    """Each trial's valid segment z[..., :l] moved to the centre of the window, left = (T - l)//2, and both sides
+    filled with its edge values (F.pad mode 'replicate'; official symmetrically_pad_latent), as one gather.
+    z (B,d,T) end-padded, lengths (B,) -> centred z (B,d,T) and the centred mask (B,1,T)."""
+    B, d, T = z.shape
+    left = (T - lengths) // 2                                  # (B,)
+    t = torch.arange(T, device=z.device)
+    src = torch.minimum((t[None] - left[:, None]).clamp(min=0), lengths[:, None] - 1)  # (B,T) source bin
+    return z.gather(-1, src[:, None].expand(B, d, T)), centre_mask(lengths, T)  # (B,T) -> (B,1,T) -> (B,d,T)
+
+
+def crop_centred(x, lengths):
+    """Inverse of centre_pad: the centred valid segment of x moved to the front, zeros after (end-padded, like the
+    data). x (B,C,T), lengths (B,) -> (B,C,T)."""
+    B, C, T = x.shape
+    left = (T - lengths) // 2
+    t = torch.arange(T, device=x.device)
+    src = (t[None] + left[:, None]).clamp(max=T - 1)           # (B,T) source bin
+    return x.gather(-1, src[:, None].expand(B, C, T)) * end_mask(lengths, T)  # (B,T) -> (B,1,T) -> (B,C,T)
+
+
+def latents_for_diffusion(z_tr, lengths=None):
+    """The denoiser's training set from the AE latents z_tr (K,d,T) of the training trials. Fixed length (official
+    LatentDataset): z~ = clamp((z - mu)/sigma, -5, 5) (the Lorenz default). End-padded trials of lengths (K,)
+    (official LatentHumanDataset, not clamped): masked mu, sigma over the valid bins, then centre_pad.
+    Returns mu, sigma (1,d,1), z~ (K,d,T) and the centred padding mask (K,1,T), or None for fixed length."""
+    if lengths is None:
+        mu, sigma = latent_stats(z_tr)
+        return mu, sigma, ((z_tr - mu) / sigma).clamp(-5, 5), None
+    mu, sigma = masked_latent_stats(z_tr, end_mask(lengths, z_tr.shape[-1]))
+    return (mu, sigma, *centre_pad((z_tr - mu) / sigma, lengths))
+
+
+def train_denoiser(cfg, zn_tr, m_tr=None):
+    """Stage 2 (train_diffusion_Lorenz.ipynb): DDPM on the normalised training latents zn_tr (K,d,T); clip 1.0, EMA
+    of the weights. With a padding mask m_tr (K,1,T) (train_diffusion_human.ipynb): the mask is the denoiser's extra
+    input channel (C_in = d + 1) and the loss is averaged over valid bins. Returns (ddpm, EMA denoiser)."""
     ddpm = DDPM(cfg.n_diffusion).to(zn_tr.device)
-    dn = Denoiser(cfg.d_latent, cfg.dn_channels, cfg.dn_blocks, cfg.d_state).to(zn_tr.device)
+    masked = m_tr is not None
+    dn = Denoiser(cfg.d_latent, cfg.dn_channels, cfg.dn_blocks, cfg.d_state, d_extra=int(masked), mask_norm=masked)
+    dn = dn.to(zn_tr.device)
     ema = EMA(dn)
     print(f"[diffusion] denoiser {sum(p.numel() for p in dn.parameters()):,} parameters")
-    fit(dn, lambda idx: ddpm.loss(dn, zn_tr[idx]), len(zn_tr), steps=cfg.dn_steps, batch=cfg.dn_batch,
-        lr=cfg.dn_lr, clip=1.0, name="DDPM", ema=ema)
+
+    def loss(idx):
+        if not masked:
+            return ddpm.loss(dn, zn_tr[idx])
+        return ddpm.loss(dn, zn_tr[idx], mask=m_tr[idx], extra=m_tr[idx])  # the mask is also the extra channel
+    fit(dn, loss, len(zn_tr), steps=cfg.dn_steps, batch=cfg.dn_batch, lr=cfg.dn_lr, clip=1.0, name="DDPM", ema=ema)
     return ddpm, ema.model
 
 
@@ -816,7 +966,7 @@ def fit_spike_history(cfg, s_tr, lam_tr):
     the AE-reconstructed rates of the same trials; the first H bins serve only as history. Full-batch
     AdamW(lr 0.1, weight decay 0.01), Poisson NLL (log_input=False, full=True). s_tr, lam_tr (K,N,T).
     NOTE (deviation): fitted on at most sh_trials training trials (official: all), so that the CPU fit takes
-    seconds; that still leaves tens of thousands of bins per neuron for its H + 2 weights."""
+    seconds; that still leaves over ten thousand bins per neuron for its H + 2 weights."""
     H = cfg.sh_bins
     if s_tr.shape[-1] <= H:
         raise ValueError(f"--sh-bins: expected fewer history bins than the {s_tr.shape[-1]} bins per trial, found {H}")
@@ -840,10 +990,40 @@ def fit_spike_history(cfg, s_tr, lam_tr):
 # Generation: noise -> DDPM -> un-normalise -> decode -> Poisson (or spike history)
 # -----------------------------------------------------------------------------
 @torch.no_grad()
-def generate(cfg, ddpm, dn, ae, mu, sigma, T, glm=None, chunk=700):
+def sample_at_lengths(cfg, ddpm, dn, ae, mu, sigma, lengths, T, chunk=700):
+    """Trials of exactly the requested lengths (official sample_spikes_with_mask): centred masks m_c -> sampler with
+    m_c as the extra channel at every step -> z = z~ sigma + mu -> decode the whole window (the decoder is pointwise
+    in time) -> crop to m_c -> Poisson. lengths (n,) -> z (n,d,T) centred, rates and spikes (n,N,T) end-padded."""
+    m_c = centre_mask(lengths, T)                              # (n,1,T)
+    z = torch.cat([ddpm.sample(dn, (len(m), cfg.d_latent, T), cfg.sample_steps, cfg.eta, extra=m)
+                   for m in m_c.split(chunk)])
+    z = z * sigma + mu                                         # (n,d,T)
+    rates = crop_centred(batched(ae.decode, z), lengths)       # (n,N,T): l_i valid bins, zeros after
+    return dict(z=z, rates=rates, spikes=torch.poisson(rates.cpu()))
+
+
+def support_length(rates):
+    """Length of each generated trial read off its rates: 1 + the last bin where some neuron has a rate > 0
+    (softplus rates are > 0 on every valid bin, the crop leaves exact zeros after). (n,N,T) -> (n,) int64."""
+    t = torch.arange(1, rates.shape[-1] + 1, device=rates.device)
+    return torch.where((rates > 0).any(1), t, 0).max(1).values  # (n,T) -> (n,)
+
+
+@torch.no_grad()
+def generate(cfg, ddpm, dn, ae, mu, sigma, T, glm=None, lengths=None, chunk=700):
     """cfg.n_gen trials: z~ from the sampler, z = z~ sigma + mu, rates = decode(z), spikes ~ Poisson(rates); with the
-    spike-history model also its spikes from the same rates. Plus cfg.n_long latents at 16x the training length."""
+    spike-history model also its spikes from the same rates. Plus cfg.n_long latents at 16x the training length.
+    lengths (K,) of the training trials (lorenz-varlen): the cfg.n_gen requested lengths are drawn from them, plus
+    four fixed lengths from len_min to T for the figure; no 16x-length samples."""
     n, d = cfg.n_gen, cfg.d_latent
+    if lengths is not None:
+        req = lengths[torch.randint(len(lengths), (n,)).to(lengths.device)]  # (n,) the training length distribution
+        fixed = torch.linspace(cfg.len_min, T, 4).round().long().to(lengths.device)
+        print(f"[sampling] {n} + 4 trials at requested lengths, {cfg.sample_steps} steps (eta {cfg.eta})")
+        out = sample_at_lengths(cfg, ddpm, dn, ae, mu, sigma, req, T, chunk)
+        out.update(lengths=req, lengths_generated=support_length(out["rates"]), lengths_fixed=fixed,
+                   spikes_fixed=sample_at_lengths(cfg, ddpm, dn, ae, mu, sigma, fixed, T)["spikes"])
+        return out
     print(f"[sampling] {n} trials, {cfg.sample_steps} steps (eta {cfg.eta}) + {cfg.n_long} at {16 * T} bins")
     z = torch.cat([ddpm.sample(dn, (min(chunk, n - i), d, T), cfg.sample_steps, cfg.eta) for i in range(0, n, chunk)])
     z = z * sigma + mu                                         # (n,d,T)
@@ -981,7 +1161,10 @@ def acg_groups(corr, n_groups=4):
 def evaluate(cfg, data, x, z_all, rates_hat, mu, sigma, gen):
     """Every metric of the run, computed from the samples it generated: generated vs real (training) trials, the AE
     reconstruction vs real, real vs real (two disjoint halves: the noise floor), the AE on test trials, latent
-    recovery, sampling diagnostics; with spike history also LDNS alone and the autocorrelograms."""
+    recovery, sampling diagnostics; with spike history also LDNS alone and the autocorrelograms.
+    Returns the metrics and the arrays the figures need."""
+    if "lengths" in data:
+        return evaluate_varlen(cfg, data, x, z_all, rates_hat, mu, sigma, gen)
     print("[evaluation]")
     tr, te = data["train"], data["test"]
     real, gen_s = data["spikes"][tr], gen["spikes"].cpu().numpy().astype(np.int64)
@@ -1010,7 +1193,101 @@ def evaluate(cfg, data, x, z_all, rates_hat, mu, sigma, gen):
     res["data/mean_rate_true"] = float(data["rates"][tr].mean()) if "rates" in data else float(real.mean())
     if "spikes_plain" in gen:
         res.update(autocorrelogram_metrics(real, gen["spikes_plain"].cpu().numpy(), gen_s, st_real["corr"]))
+    return res, dict(st_real=st_real, st_gen=st_gen, z_gen=gen["z"].cpu().numpy(), z_long=gen["z_long"].cpu().numpy())
+
+
+def valid_rows(a, lengths):
+    """The valid bins of end-padded trials, trials concatenated: a (K,c,T), lengths (K,) -> (sum l, c)."""
+    valid = np.arange(a.shape[2])[None] < lengths[:, None]      # (K,T)
+    return a.transpose(0, 2, 1)[valid]                         # (K,c,T) -> (K,T,c) -> (sum l, c)
+
+
+def masked_spike_stats(s, lengths):
+    """spike_stats on the valid bins of end-padded trials s (B,N,T) with lengths (B,): PSC per valid (trial, bin),
+    correlations and mean rates over the valid bins of all trials concatenated; ISI statistics within trials (the
+    padding holds no spikes, so isi_stats of the padded array is already exact)."""
+    X = valid_rows(s, lengths).astype(np.float64)              # (sum l, N)
+    rate = X.mean(0)
+    Xc = X - rate
+    sd = np.sqrt((Xc ** 2).mean(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (Xc.T @ Xc / len(Xc)) / np.outer(sd, sd)        # np.corrcoef, NaN for silent neurons
+    mean_isi, std_isi = isi_stats(s)
+    return dict(psc=X.sum(1).astype(np.int64), corr=corr, rate=rate, mean_isi=mean_isi, std_isi=std_isi)
+
+
+def length_buckets(len_min, len_max, n_buckets):
+    """n_buckets contiguous integer length ranges [lo, hi] of (nearly) equal width covering len_min..len_max."""
+    edges = np.linspace(len_min, len_max + 1, n_buckets + 1).round().astype(int)
+    return [(int(lo), int(hi) - 1) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def trial_mean_spread(zn, m):
+    """Largest per-channel std over trials of the per-trial mean over valid bins (per-trial latent offsets).
+    zn (K,d,T) normalised latents, m (K,1,T) their mask -> float."""
+    tm = (zn * m).sum(-1) / m.sum(-1)                          # (K,d)
+    return float(tm.std(0).max())
+
+
+def length_rows(real, len_r, gen, len_g, ae_rec, lo, hi):
+    """The rows of evaluate for the trials with lengths in lo..hi, on valid bins: generated, AE reconstruction and
+    real-vs-real halves (the noise floor) against the real trials. End-padded counts (K,N,T) with lengths (K,) ->
+    (metrics, dict(st_real, st_gen))."""
+    r, g = np.nonzero((len_r >= lo) & (len_r <= hi))[0], np.nonzero((len_g >= lo) & (len_g <= hi))[0]
+    h = len(r) // 2
+    st_real, st_half = masked_spike_stats(real[r], len_r[r]), masked_spike_stats(real[r[h:]], len_r[r[h:]])
+    st_gen = masked_spike_stats(gen[g], len_g[g])
+    rows = {"gen_vs_real": (st_gen, st_real), "ae_vs_real": (masked_spike_stats(ae_rec[r], len_r[r]), st_real),
+            "real_vs_real": (masked_spike_stats(real[r[:h]], len_r[r[:h]]), st_half),
+            "gen_vs_real_half": (masked_spike_stats(gen[g[:h]], len_g[g[:h]]), st_half)}
+    res = {"n_real": len(r), "n_generated": len(g)}
+    for row, (a, b) in rows.items():
+        res.update({f"{row}/{k}": v for k, v in compare(a, b).items()})
     return res, dict(st_real=st_real, st_gen=st_gen)
+
+
+def evaluate_varlen(cfg, data, x, z_all, rates_hat, mu, sigma, gen):
+    """evaluate for end-padded trials of different lengths (lorenz-varlen), on valid bins only: the rows of
+    evaluate (generated, AE reconstruction and real-vs-real halves against the real training trials) for all
+    lengths pooled and per length bucket (key prefix len_<lo>-<hi>/), trials assigned to a bucket by their length;
+    the number of generated trials whose length differs from the requested one; AE, latent and sampling metrics."""
+    print("[evaluation] per length bucket")
+    tr, te, T = data["train"], data["test"], x.shape[-1]
+    len_r, len_te, len_g = data["lengths"][tr], data["lengths"][te], gen["lengths_generated"].cpu().numpy()
+    m = end_mask(torch.tensor(data["lengths"]).to(x.device), T)  # (K,1,T)
+    real, gen_s = data["spikes"][tr], gen["spikes"].cpu().numpy().astype(np.int64)
+    ae_rec = torch.poisson((rates_hat[tr] * m[tr]).cpu()).numpy().astype(np.int64)
+    res = {"data/n_real": len(real), "data/n_generated": len(gen_s),
+           "data/mean_count": float(valid_rows(real, len_r).mean()),
+           "lengths/n_wrong_length": int((len_g != gen["lengths"].cpu().numpy()).sum())}  # requested vs generated
+    pooled, run = length_rows(real, len_r, gen_s, len_g, ae_rec, cfg.len_min, T)  # all lengths
+    res.update({k: v for k, v in pooled.items() if "/" in k})
+    buckets = length_buckets(cfg.len_min, T, cfg.n_buckets)
+    for lo, hi in buckets:
+        rows = length_rows(real, len_r, gen_s, len_g, ae_rec, lo, hi)[0]
+        res.update({f"len_{lo}-{hi}/{k}": v for k, v in rows.items()})
+    nll = F.poisson_nll_loss(rates_hat[te], x[te], log_input=False, full=True, reduction="none")  # (K_te,N,T)
+    res["ae/test_poisson_nll"] = float((nll * m[te]).sum() / (m[te].sum() * x.shape[1]))
+    rates_np = rates_hat.cpu().numpy()
+    err = valid_rows(rates_np[te], len_te) - valid_rows(data["rates"][te], len_te)  # (sum l, N)
+    res["ae/test_rate_mse"] = float((err ** 2).mean())
+    z_np = z_all.cpu().numpy()
+    zv_tr, xv_tr = valid_rows(z_np[tr], len_r).T[None], valid_rows(data["latents"][tr], len_r).T[None]  # (1,c,sum l)
+    zv_te, xv_te = valid_rows(z_np[te], len_te).T[None], valid_rows(data["latents"][te], len_te).T[None]
+    res["ae/latent_r2"] = latent_r2(zv_tr, xv_tr, zv_te, xv_te)
+    m_c = centre_mask(gen["lengths"], T)                       # (n,1,T)
+    zn_gen = (gen["z"] - mu) / sigma                           # (n,d,T) centred
+    zn_valid = zn_gen.permute(0, 2, 1)[m_c[:, 0] > 0].cpu().numpy()  # (n,d,T) -> (n,T,d) -> (sum l, d)
+    res["diffusion/sampled_latent_std_max"] = float(zn_valid.std(0).max())  # ~1 if sampling is stable
+    res["diffusion/sampled_latent_std_min"] = float(zn_valid.std(0).min())
+    res["diffusion/trial_mean_std_max"] = trial_mean_spread(zn_gen, m_c)
+    res["ae/trial_mean_std_max"] = trial_mean_spread((z_all[tr] - mu) / sigma, m[tr])
+    res["diffusion/mean_rate_generated"] = float(valid_rows(gen["rates"].cpu().numpy(), len_g).mean())
+    res["data/mean_rate_true"] = float(valid_rows(data["rates"][tr], len_r).mean())
+    run.update(buckets=buckets, lengths_train=len_r, lengths_requested=gen["lengths"].cpu().numpy(),
+               lengths_generated=len_g, spikes_fixed=gen["spikes_fixed"].cpu().numpy(),
+               lengths_fixed=gen["lengths_fixed"].cpu().numpy())
+    return res, run
 
 
 def autocorrelogram_metrics(real, plain, sh, corr, L=10):
@@ -1033,7 +1310,8 @@ def autocorrelogram_metrics(real, plain, sh, corr, L=10):
 # Figures (plotting_diffusion_Lorenz.ipynb, paper Fig. 2); matplotlib is imported here only
 # -----------------------------------------------------------------------------
 def make_figures(fig_dir, data, run, res):
-    """1_data, 2_ae_fit, 3_latents_3d, 4_latent_psd, 5_stats (and 6_autocorrelograms with spike history).
+    """1_data, 2_ae_fit, 3_latents_3d, 4_latent_psd, 5_stats (and 6_autocorrelograms with spike history; for
+    lorenz-varlen 1, 2, 5 on all lengths pooled and 6_varlen).
     run: numpy arrays of the run (rates_hat, z_ae of test trials, z_gen, z_long, project, st_real, st_gen, ...)."""
     from matplotlib.figure import Figure
     ex, N = data["test"][0], data["spikes"].shape[1]
@@ -1063,6 +1341,10 @@ def make_figures(fig_dir, data, run, res):
     ax.legend(loc="upper right", fontsize=7)
     fig.suptitle(f"AE on a held-out trial; test rate MSE {res.get('ae/test_rate_mse', float('nan')):.4f}")
     save_figure(fig, os.path.join(fig_dir, "2_ae_fit.png"))
+    if "buckets" in run:                                       # lorenz-varlen: no figures of fixed-length latents
+        stats_panel(fig_dir, run["st_real"], run["st_gen"], res, "LDNS")
+        varlen_figure(fig_dir, run, res)
+        return
     # 3. latent trajectories in Lorenz coordinates (the latent-recovery map; raw channels for own data)
     fig = Figure(figsize=(13, 4.3))
     sets = [(run["z_ae"][:8], "AE latents"), (run["z_gen"][:8], "diffusion samples"),
@@ -1117,6 +1399,44 @@ def stats_panel(fig_dir, st_real, st_gen, res, label):
     save_figure(fig, os.path.join(fig_dir, "5_stats.png"))
 
 
+VARLEN_STATS = (("r_rate", "mean rate"), ("r_corr", "pairwise corr."), ("r_mean_isi", "mean ISI"),
+                ("r_std_isi", "std ISI"), ("r_psc", "PSC density"))
+
+
+def varlen_figure(fig_dir, run, res):
+    """lorenz-varlen: rasters of generated trials of four lengths (padding shaded); Pearson r per length bucket,
+    generated vs real (solid) and real vs real (dashed); histograms of training, requested and generated lengths."""
+    from matplotlib.figure import Figure
+    s, lengths = run["spikes_fixed"], run["lengths_fixed"]
+    fig, T = Figure(figsize=(14, 7)), s.shape[-1]
+    for i in range(len(s)):
+        ax = fig.add_subplot(2, len(s), i + 1)
+        ax.imshow(s[i], aspect="auto", cmap="Greys", interpolation="nearest", vmax=3)
+        ax.axvspan(lengths[i] - 0.5, T - 0.5, color="C0", alpha=0.15)
+        ax.set(title=f"generated, length {lengths[i]}", xlabel="time bin", ylabel="neuron" if i == 0 else None)
+    ax = fig.add_subplot(2, 2, 3)
+    pos = np.arange(len(run["buckets"]))
+    for j, (k, name) in enumerate(VARLEN_STATS):
+        ax.plot(pos, [res[f"len_{lo}-{hi}/gen_vs_real/{k}"] for lo, hi in run["buckets"]], "o-", color=f"C{j}",
+                label=name)
+        ax.plot(pos, [res[f"len_{lo}-{hi}/real_vs_real/{k}"] for lo, hi in run["buckets"]], "x--", color=f"C{j}",
+                alpha=0.6)
+    ax.set_xticks(pos)
+    ax.set_xticklabels([f"{lo}-{hi}" for lo, hi in run["buckets"]])
+    ax.set(title="Pearson r per length bucket: generated vs real (solid), real vs real (dashed)",
+           xlabel="trial length (bins)", ylabel="r")
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(2, 2, 4)
+    edges = np.arange(min(run["lengths_train"].min(), run["lengths_requested"].min()), T + 2) - 0.5
+    ax.hist(run["lengths_train"], bins=edges, density=True, color="0.6", alpha=0.5, label="training trials")
+    ax.hist(run["lengths_requested"], bins=edges, density=True, histtype="step", lw=2, color="C0", label="requested")
+    ax.hist(run["lengths_generated"], bins=edges, density=True, histtype="step", ls="--", color="C3",
+            label="generated")
+    ax.set(title="trial lengths", xlabel="length (bins)", ylabel="density")
+    ax.legend(fontsize=8)
+    save_figure(fig, os.path.join(fig_dir, "6_varlen.png"))
+
+
 def acg_figure(fig_dir, res):
     """Lag ratios and group auto-correlograms (official plotting notebooks): data, LDNS, LDNS + spike history."""
     from matplotlib.figure import Figure
@@ -1151,6 +1471,8 @@ def write_outputs(cfg, data, ae, dn, mu, sigma, gen, run, res, clock):
     samples = dict(real=data["spikes"][data["train"]], generated=gen["spikes"].cpu().numpy().astype(np.int64))
     if "spikes_plain" in gen:
         samples["generated_plain"] = gen["spikes_plain"].cpu().numpy().astype(np.int64)
+    if "lengths" in data:                                      # lorenz-varlen: end-padded trials and their lengths
+        samples.update(lengths_real=data["lengths"][data["train"]], lengths_generated=run["lengths_generated"])
     dt = np.int16 if max(a.max() for a in samples.values()) < 2 ** 15 else np.int64
     save_atomic(os.path.join(cfg.out, "samples.npz"),
                 lambda f: np.savez_compressed(f, **{k: v.astype(dt) for k, v in samples.items()}))
@@ -1181,24 +1503,25 @@ def main(argv=None) -> dict:
     write_json(os.path.join(cfg.out, "config.json"), run_info(cfg, device))
     x = torch.tensor(data["spikes"], dtype=torch.float32).to(device)  # (K,N,T)
     tr, T = data["train"], x.shape[-1]
+    len_tr = torch.tensor(data["lengths"][tr]).to(device) if "lengths" in data else None  # (K_tr,) lorenz-varlen
     clock.lap("data")
-    ae = train_autoencoder(cfg, x[tr])                         # 1) autoencoder with coordinated dropout
+    ae = train_autoencoder(cfg, x[tr], len_tr)                 # 1) autoencoder with coordinated dropout
     z_all = batched(ae.encode, x)                              # (K,d,T), raw spikes in, no mask
     rates_hat = batched(ae.decode, z_all)                      # (K,N,T)
     clock.lap("autoencoder")
-    mu, sigma = latent_stats(z_all[tr])                        # 2) latent diffusion on normalised latents
-    ddpm, dn = train_denoiser(cfg, ((z_all[tr] - mu) / sigma).clamp(-5, 5))  # clamp to [-5, 5] (official Lorenz)
+    mu, sigma, zn_tr, m_tr = latents_for_diffusion(z_all[tr], len_tr)  # 2) latent diffusion on normalised latents
+    ddpm, dn = train_denoiser(cfg, zn_tr, m_tr)
     clock.lap("diffusion_train")
     glm = None
     if cfg.spike_history:                                      # 3) the spike-history observation model
         glm = fit_spike_history(cfg, x[tr], rates_hat[tr])
         clock.lap("spike_history")
-    gen = generate(cfg, ddpm, dn, ae, mu, sigma, T, glm)      # 4) new trials
+    gen = generate(cfg, ddpm, dn, ae, mu, sigma, T, glm, len_tr)  # 4) new trials
     clock.lap("sampling")
     res, run = evaluate(cfg, data, x, z_all, rates_hat, mu, sigma, gen)  # 5) statistics vs the real trials
     clock.lap("evaluation")
     run.update(rates_hat=rates_hat.cpu().numpy(), z_ae=z_all[data["test"]].cpu().numpy(),
-               z_gen=gen["z"].cpu().numpy(), z_long=gen["z_long"].cpu().numpy(), **latent_axes(data, z_all.cpu()))
+               **latent_axes(data, z_all.cpu()))
     write_outputs(cfg, data, ae, dn, mu, sigma, gen, run, res, clock)
     print("\nmetric" + " " * 36 + "value")
     for k, v in res.items():
