@@ -201,6 +201,8 @@ def parse_args(argv=None) -> "Config":
     then explicit flags. Bad values exit with status 2 and a message that names the flag."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f in dataclasses.fields(Config):
+        if f.name == "preset":                                 # set by the preset flags below
+            continue
         kw = dict(type=str2bool, nargs="?", const=True) if isinstance(f.default, bool) else dict(type=type(f.default))
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, choices=CHOICES.get(f.name),
                        help=f"(default: {f.default!r})", **kw)
@@ -238,7 +240,8 @@ def load_arrays(path: str) -> dict:
             arrays = {k: obj[k] for k in obj.files} if isinstance(obj, np.lib.npyio.NpzFile) else {"spikes": obj}
     except Exception as e:
         found = ("an object array, which would need unpickling" if "Object arrays" in str(e) else
-                 "content that is not a .npy or .npz file" if "pickle" in str(e) else f"{type(e).__name__}: {e}")
+                 "content that is not a .npy or .npz file" if "pickle" in str(e) else
+                 f"a corrupt or truncated file ({type(e).__name__}: {e})")
         raise ValueError(f"--data {path}: expected {want}, found {found}") from None
     for k, a in arrays.items():
         if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):

@@ -24,6 +24,7 @@ Tutorial: every code cell of tutorial.ipynb runs, in order, in a fresh interpret
 """
 import ast
 import copy
+import dataclasses
 import importlib
 import json
 import math
