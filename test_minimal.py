@@ -19,7 +19,20 @@ LDNS: S4 FFT convolution == explicit causal convolution == recurrence (and the b
   --demo lorenz-refractory --quick; variable-length trials (the causal AE ignores later inputs, masked losses and
   statistics ignore padded bins, centred re-padding and cropping are inverse, generated trials have the requested
   lengths, --demo lorenz-varlen --quick, bad length flags); own data; bad data and bad flags.
-GNOCCHI and Spike-GAN: see their sections below.
+GNOCCHI: MMD zero/symmetric/positive and equal to InfoDiffusion's kernel written out; AdaGN uses the code and the
+  output layer starts at zero; attention == scaled dot-product attention; the --paper U-Net layout; the schedule
+  ends near abar = 0 and DDIM with an oracle eps recovers x0; the lr schedule; held-out targets never enter
+  training or normalisation; the LFADS-like KL equals torch's closed form and its generator equals hand-unrolled
+  GRU equations; both training loops stop on a non-finite loss; --paper models at full size; 18 bad-data cases;
+  own spikes are smoothed counts; --quick end to end.
+Spike-GAN: the gradient penalty takes the norm over all non-batch dims, is zero for a unit-norm linear critic and
+  interpolates on the segment; the fused real/fake critic pass equals separate passes; generator shape, range and
+  initialisation; one iteration changes both nets; the lr schedule; real batches cover the training set once per
+  epoch; sampling and binarisation draw on the CPU; the data generator's rates, correlations and refractory dip;
+  the refractory rules; the packet test set; Phi2 against its closed form; a dichotomized Gaussian with known
+  parameters refitted; importance is zero where there is no spike; statistics on a known pattern; the --paper
+  configuration, models and CPU warning; end to end, metrics recomputed from Spike-GAN's own samples; long-series
+  windowing; own data; the bad-data cases.
 Tutorial: every code cell of tutorial.ipynb runs, in order, in a fresh interpreter.
 """
 import ast
