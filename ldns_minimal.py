@@ -21,6 +21,10 @@ Sections (paper -> code):
     ldns/data/human.py): end padding, causal AE, masked statistics, centred re-padding,
     mask channel, sampling at requested lengths, per-length-bucket evaluation ....... make_lorenz_varlen, end_mask,
     causal_instance_norm, masked_latent_stats, centre_pad, crop_centred, sample_at_lengths, evaluate_varlen
+  Conditional generation (Sec. 4.4 recipes; train_and_plot_diffusion_monkey_*_conditioned notebooks,
+    ldns/data/monkey.py) on synthetic reaches: angle-conditioned denoiser (ConditionalDenoiser), velocity-
+    conditioned denoiser (extra input channels), ridge behaviour decoder ........... make_reach_data, reach_condition,
+    train_reach_denoisers, generate_reach, fit_ridge, evaluate_reach, reach_figures, run_reach
   Figures, outputs and the pipeline ............................................. make_figures, write_outputs, main
 
 Run (2-core x86-64 CPU, --device cpu):
@@ -30,12 +34,15 @@ Run (2-core x86-64 CPU, --device cpu):
                                                    #   data's 0.368 (LDNS alone 2.21); every r >= 0.95
   python ldns_minimal.py --demo lorenz-varlen      # ~5 min: trials of 48-160 bins; r(rate, corr, mean ISI) >= 0.9
                                                    #   in every length bucket, each trial of its requested length
+  python ldns_minimal.py --demo reach              # ~5 min: spikes conditioned on a reach angle (decoded direction
+                                                   #   off by 7.8 deg, median) or a held-out velocity trace (R^2 0.95)
   python ldns_minimal.py --quick                   # ~10 s: every stage on a toy problem (numbers meaningless)
   python ldns_minimal.py --paper                   # the official scale (5000 x 256 trials, 1000-step sampler): a GPU job
   python ldns_minimal.py --data spikes.npz         # your own counts (trials, neurons, bins), npz key 'spikes'
 Outputs: config.json, metrics.json (last, atomic), timing.json, samples.npz, figures/*.png, ae.pt, denoiser.pt.
 lorenz-varlen: samples.npz arrays are padded at the end (valid bins first, zeros after), with lengths_real and
-lengths_generated; metrics per length bucket under len_<lo>-<hi>/.
+lengths_generated; metrics per length bucket under len_<lo>-<hi>/. reach: denoiser_angle.pt, denoiser_velocity.pt;
+samples.npz adds generated_velocity, angle_requested, velocity_requested (m/s) and velocity_requested_trials.
 Shapes: B batch/trials, N neurons, T time bins, C hidden channels, d latent channels, H SSM channels (or history
 bins), n complex SSM modes. Everything is channels-first (B, C, T).
 Markers: `NOTE (deviation)` differs from the paper / official code (mostly CPU scale); `NOTE (choice)` a detail the
@@ -68,6 +75,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     demo: str = "lorenz"        # lorenz (Fig. 2) | lorenz-refractory (spike history) | lorenz-varlen (trial lengths)
+    #                             | reach (conditional generation, Sec. 4.4)
     preset: str = ""            # set by --quick / --long / --paper
     seed: int = 0
     device: str = "auto"        # auto | cpu | cuda | mps
@@ -95,6 +103,7 @@ class Config:
     dn_steps: int = 550
     dn_batch: int = 64
     dn_lr: float = 2e-3         # larger than the official 1e-3 for the short run
+    dn_smooth_l1: float = 0.0   # 0: eps-MSE (Lorenz recipe); beta > 0: SmoothL1(beta), official monkey 0.05 (reach)
     n_diffusion: int = 1000     # training diffusion steps, official 1000
     sample_steps: int = 40      # sampler steps; 1000 with --eta 1 is the official ancestral DDPM sampler
     eta: float = 1.0            # 1: (respaced) ancestral DDPM, 0: deterministic DDIM
@@ -111,38 +120,63 @@ class Config:
     ae_causal: bool = False     # causal AE (forward S4 kernel, causal_instance_norm); official for padded trials
     len_min: int = 0            # shortest trial length (lengths uniform in len_min..n_bins); 0 -> 0.3 n_bins
     n_buckets: int = 3          # length buckets of the evaluation
+    # conditional generation on a synthetic reaching task (--demo reach; the monkey recipes, Sec. 4.4)
+    condition: str = "both"     # angle | velocity | both: which conditional denoisers are trained
+    angle_bin: int = 50         # bin at which the reach angle theta = atan2(v_y, v_x) is read, official 50
+    n_angles: int = 8           # requested reach directions in the evaluation, evenly spaced in [-pi, pi)
+    n_per_angle: int = 32       # samples per requested direction
+    n_vel: int = 128            # held-out velocity traces to condition on (at most the test trials)
+    ridge_alpha: float = 1e-6   # ridge penalty of the behaviour decoder, official Ridge(alpha=1e-6)
 
 
 DEMOS = {"lorenz": {}, "lorenz-refractory": dict(spike_history=True, ae_steps=400),
-         "lorenz-varlen": dict(n_bins=160, ae_causal=True)}
+         "lorenz-varlen": dict(n_bins=160, ae_causal=True),
+         # NOTE (deviation): the monkey recipes train a causal AE (d 16, p 0.5, beta_lat 0.001, beta_td 0.2) and
+         # denoisers of 256 channels x 6 blocks for 2000 epochs of batch 512; here the Lorenz AE recipe and 64 x 2
+         "reach": dict(ae_steps=400, dn_blocks=2, dn_steps=1000, dn_smooth_l1=0.05)}
 PRESETS = {
     "quick": (dict(n_trials=60, n_bins=32, n_neurons=32, ae_channels=16, ae_blocks=1, d_state=16, ae_steps=100,
                    dn_channels=16, dn_blocks=1, dn_steps=300, sample_steps=10, n_gen=20, n_long=1, sh_bins=8,
-                   sh_epochs=50), "tiny sizes: every stage end to end in about 10 s on 2 CPU cores"),
+                   sh_epochs=50, angle_bin=12, n_per_angle=2, n_vel=8),
+              "tiny sizes: every stage end to end in about 10 s on 2 CPU cores"),
     "long": (dict(n_trials=2000, ae_steps=1000, dn_steps=5000, sample_steps=50, n_gen=1400),
              "longer training (about 25 min on 2 CPU cores): the paper's statistics"),
     "paper": (dict(n_trials=5000, n_bins=256, ae_channels=256, ae_blocks=4, ae_steps=1400, ae_batch=512, ae_lr=1e-3,
                    dn_steps=7000, dn_batch=512, dn_lr=1e-3, sample_steps=1000, eta=1.0, n_gen=3500),
               "the official Lorenz configuration (a GPU job: hours on a CPU)"),
 }
-CHOICES = dict(demo=tuple(DEMOS), device=("auto", "cpu", "cuda", "mps"), preset=("", *PRESETS))
+CHOICES = dict(demo=tuple(DEMOS), device=("auto", "cpu", "cuda", "mps"), preset=("", *PRESETS),
+               condition=("angle", "velocity", "both"))
 POSITIVE_FIELDS = ("n_trials", "n_bins", "n_neurons", "ae_channels", "ae_blocks", "d_latent", "d_state", "ae_steps",
                    "ae_batch", "ae_lr", "dn_channels", "dn_blocks", "dn_steps", "dn_batch", "dn_lr", "n_diffusion",
                    "sample_steps", "n_gen", "n_long", "sh_bins", "sh_epochs", "sh_trials", "sh_lr", "sh_cap",
-                   "n_buckets")
+                   "n_buckets", "angle_bin", "n_angles", "n_per_angle", "n_vel")
 MAX_COUNT = 500                 # largest plausible spike count in one bin of --data (about 100 kHz at 5 ms bins)
 
 
 def check_config(cfg):
     """File-specific CLI checks; returns an error message naming the flag, or None."""
-    if not 0 <= cfg.mask_p < 1 or cfg.eta < 0 or cfg.beta_lat < 0 or cfg.beta_td < 0:
-        return "--mask-p must be in [0, 1); --eta, --beta-lat and --beta-td must be >= 0"
+    if not 0 <= cfg.mask_p < 1 or min(cfg.eta, cfg.beta_lat, cfg.beta_td, cfg.dn_smooth_l1) < 0:
+        return "--mask-p must be in [0, 1); --eta, --beta-lat, --beta-td and --dn-smooth-l1 must be >= 0"
     if cfg.ae_channels % cfg.d_latent:
         return f"--ae-channels ({cfg.ae_channels}) must be divisible by --d-latent ({cfg.d_latent})"
     if cfg.sample_steps > cfg.n_diffusion:
         return f"--sample-steps must be <= --n-diffusion ({cfg.n_diffusion}), got {cfg.sample_steps}"
     if cfg.spike_history and cfg.sh_bins >= cfg.n_bins and not cfg.data:
         return f"--sh-bins ({cfg.sh_bins}) must be smaller than --n-bins ({cfg.n_bins})"
+    if cfg.ridge_alpha < 0:
+        return f"--ridge-alpha must be >= 0, got {cfg.ridge_alpha}"
+    if cfg.demo == "reach":
+        if cfg.data or cfg.spike_history or cfg.ae_causal:
+            return ("--demo reach simulates its own reaching data (it needs the velocity) and has no spike-history "
+                    "model: drop --data, --spike-history, --ae-causal")
+        lo, hi = reach_angle_bins(cfg.n_bins)
+        if not lo <= cfg.angle_bin <= hi:
+            return (f"--angle-bin must be in [{lo}, {hi}] for --n-bins {cfg.n_bins} (a bin inside every reach), "
+                    f"got {cfg.angle_bin}")
+        n_test = cfg.n_trials - int(0.7 * cfg.n_trials) - int(0.1 * cfg.n_trials)
+        if cfg.n_vel > n_test:
+            return f"--n-vel must be at most the {n_test} held-out trials, got {cfg.n_vel}"
     if cfg.demo != "lorenz-varlen":
         return f"--len-min is used only by --demo lorenz-varlen, got {cfg.len_min}" if cfg.len_min else None
     if cfg.data or cfg.spike_history:
@@ -437,9 +471,11 @@ def split_trials(K, rng):
 def make_data(cfg):
     """The demo's data from its own seeded generator, or --data (validated); plus the train/val/test split."""
     rng = np.random.default_rng(cfg.seed)
-    print(f"[data] {'loading ' + cfg.data if cfg.data else 'simulating the Lorenz system (' + cfg.demo + ')'}")
+    print(f"[data] {'loading ' + cfg.data if cfg.data else 'simulating the ' + cfg.demo + ' demo'}")
     if cfg.data:
         data = load_spikes(cfg.data)
+    elif cfg.demo == "reach":
+        data = make_reach_data(cfg.n_trials, cfg.n_bins, cfg.n_neurons, rng)
     elif cfg.demo == "lorenz-varlen":
         data = make_lorenz_varlen(cfg.n_trials, cfg.n_bins, cfg.n_neurons, cfg.len_min, rng)
     else:
@@ -451,6 +487,80 @@ def make_data(cfg):
     if "lengths" in data:
         print(f"  trial lengths {data['lengths'].min()}-{data['lengths'].max()} bins, zero-padded at the end to {T}")
     return data
+
+
+# -----------------------------------------------------------------------------
+# Reaching data (--demo reach): a synthetic stand-in for monkey MC_Maze (Sec. 4.4), made by the file itself
+# -----------------------------------------------------------------------------
+REACH_BIN_S = 0.01                 # bin width in seconds: velocities in m/s, positions in m
+REACH_ONSET = (0.15, 0.30)         # movement onset, a fraction of the trial length, uniform in this range
+REACH_DURATION = (0.30, 0.55)      # movement duration, a fraction of the trial length, uniform in this range
+REACH_DISTANCE = (0.08, 0.12)      # reach distance in m, uniform in this range
+REACH_V_REF = 0.35                 # m/s, a typical peak speed: the unit of the velocity tuning
+
+
+def min_jerk_speed(T, onset, duration):
+    """Speed of a unit-distance minimum-jerk reach (Flash & Hogan 1985) on bins 0..T-1, per second:
+    s(tau) = 10 tau^3 - 15 tau^4 + 6 tau^5 with tau = (t - onset) / duration clipped to [0, 1], so
+    ds/dt = 30 tau^2 (1 - tau)^2 / duration is bell-shaped and zero outside the movement. onset, duration (K,) in
+    bins -> (K,T)."""
+    tau = np.clip((np.arange(T)[None] - onset[:, None]) / duration[:, None], 0.0, 1.0)  # (K,T)
+    # ds/dt = 30 tau^2 (1 - tau)^2 / (duration * bin width)
+    return 30 * tau ** 2 * (1 - tau) ** 2 / (duration[:, None] * REACH_BIN_S)
+
+
+def make_reach_data(n_trials, T, N, rng, n_shared=3):
+    """Centre-out reaching population from its own generator rng. Per trial: reach angle theta ~ U[-pi, pi)
+    (NOTE (choice): continuous directions, not a few targets), distance, onset and duration uniform in the REACH_*
+    ranges, velocity v(t) = distance speed(t) [cos theta, sin theta] (a straight minimum-jerk reach). Per neuron:
+    preferred direction u_n (angle ~ U[-pi, pi)), depth k_n ~ U[0.7, 1.4], baseline 10-30 Hz, weights
+    w_n ~ N(0, 0.4^2 I) on n_shared latents x(t) not explained by velocity: a 2-d rotation at 1.5-2.5 Hz with
+    random phase and amplitude, and (n_shared - 2) Gaussian-process latents (squared-exponential, 15 bins).
+    Log-rates mix cosine velocity tuning (Moran & Schwartz 1999) with the shared dynamics; counts are Poisson.
+    NOTE (deviation): the paper uses monkey MC_Maze (182 neurons, 140 bins of 5 ms), which cannot be downloaded here.
+    Returns spikes (K,N,T) int64, rates (K,N,T), velocity (K,2,T) m/s, angle (K,), shared latents (K,n_shared,T)
+    and preferred directions (N,)."""
+    K = n_trials
+    theta = rng.uniform(-np.pi, np.pi, K)
+    distance = rng.uniform(*REACH_DISTANCE, K)
+    onset = rng.uniform(*REACH_ONSET, K) * T
+    duration = rng.uniform(*REACH_DURATION, K) * T
+    speed = distance[:, None] * min_jerk_speed(T, onset, duration)          # (K,T) m/s
+    direction = np.stack([np.cos(theta), np.sin(theta)], 1)                  # (K,2)
+    velocity = direction[:, :, None] * speed[:, None, :]                      # (K,2,1) * (K,1,T) -> (K,2,T)
+    f = rng.uniform(1.5, 2.5, K)                                              # shared dynamics, reach-independent
+    psi = rng.uniform(-np.pi, np.pi, K)
+    a = rng.uniform(0.5, 1.5, K)
+    arg = 2 * np.pi * f[:, None] * (np.arange(T) * REACH_BIN_S)[None] + psi[:, None]  # (K,T)
+    rotation = a[:, None, None] * np.stack([np.cos(arg), np.sin(arg)], 1)    # (K,2,T)
+    lag = np.arange(T)
+    cov = np.exp(-0.5 * ((lag[:, None] - lag[None]) / 15.0) ** 2)            # (T,T) squared-exponential kernel
+    L_chol = np.linalg.cholesky(cov + 1e-6 * np.eye(T))
+    gp = np.einsum("ts,ks->kt", L_chol, rng.standard_normal((K * (n_shared - 2), T)))  # (K(n_shared-2), T)
+    x = np.concatenate([rotation, gp.reshape(K, n_shared - 2, T)], 1)        # (K(n_shared-2),T) -> (K,n_shared,T)
+    phi = rng.uniform(-np.pi, np.pi, N)
+    u = np.stack([np.cos(phi), np.sin(phi)], 1)                               # (N,2)
+    k = rng.uniform(0.7, 1.4, N)
+    b = np.log(rng.uniform(10.0, 30.0, N) * REACH_BIN_S)                       # log(rate in Hz x bin width)
+    w = 0.4 * rng.standard_normal((N, n_shared))
+    # log lambda_n(t) = b_n + k_n (u_n . v(t)) / v_ref + w_n . x(t)
+    log_rates = (b[None, :, None] + k[None, :, None] * np.einsum("nc,kct->knt", u, velocity) / REACH_V_REF
+                 + np.einsum("nj,kjt->knt", w, x))                            # (K,N,T)
+    rates = np.exp(log_rates)
+    return dict(spikes=rng.poisson(rates), rates=rates.astype(np.float32), velocity=velocity.astype(np.float32),
+                angle=theta.astype(np.float32), shared=x.astype(np.float32), pref_dir=phi.astype(np.float32))
+
+
+def reach_angle_bins(T):
+    """The bins at which every reach is moving (onset at most 0.30 T, end at least 0.45 T): [lo, hi]."""
+    return math.floor(REACH_ONSET[1] * T) + 1, math.ceil((REACH_ONSET[0] + REACH_DURATION[0]) * T) - 1
+
+
+def reach_condition(velocity, angle_bin):
+    """The angle condition of the official monkey recipe (ldns/data/monkey.py): theta = atan2(v_y, v_x) at the
+    fixed bin angle_bin, c = [cos theta, sin theta]. velocity (K,2,T) -> c (K,2)."""
+    theta = torch.atan2(velocity[:, 1, angle_bin], velocity[:, 0, angle_bin])
+    return torch.stack([torch.cos(theta), torch.sin(theta)], 1)
 
 
 # -----------------------------------------------------------------------------
@@ -720,17 +830,22 @@ class DDPM(nn.Module):
         ab = self.alpha_bar[t][:, None, None]
         return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
-    def loss(self, model, x0, mask=None, **cond):
+    def loss(self, model, x0, mask=None, smooth_l1=0.0, **cond):
         """Alg. 1: t ~ U{0..T-1} per sample, eps ~ N(0,I), loss || eps - eps_theta(x_t, t, cond) ||^2, averaged
         over the latent entries (only over valid bins, mask (B,1,T) = 1, when a padding mask is given).
+        smooth_l1 = beta > 0: SmoothL1(beta) per entry instead of the squared error (the monkey recipes, beta 0.05).
         NOTE (deviation): with a mask, train_diffusion_human.ipynb uses SmoothL1(beta 0.04) x mask; here the eps-MSE
         of the Lorenz recipe, whose minimiser is the posterior mean of eps that the ancestral sampler assumes."""
         t = torch.randint(0, len(self.beta), (len(x0),)).to(x0.device)
         eps = torch.randn(x0.shape).to(x0.device)
         eps_hat = model(self.q_sample(x0, t, eps), t, **cond)
-        if mask is None:
+        if mask is None and not smooth_l1:
             return F.mse_loss(eps_hat, eps)
-        return ((eps_hat - eps) ** 2 * mask).sum() / (mask.sum() * x0.shape[1])
+        if smooth_l1:
+            err = F.smooth_l1_loss(eps_hat, eps, beta=smooth_l1, reduction="none")  # (B,d,T)
+        else:
+            err = (eps_hat - eps) ** 2
+        return err.mean() if mask is None else (err * mask).sum() / (mask.sum() * x0.shape[1])
 
     @staticmethod
     def q_posterior_mean(x0, xt, ab, ab_prev):
@@ -887,35 +1002,63 @@ def crop_centred(x, lengths):
     return x.gather(-1, src[:, None].expand(B, C, T)) * end_mask(lengths, T)  # (B,T) -> (B,1,T) -> (B,C,T)
 
 
-def latents_for_diffusion(z_tr, lengths=None):
+def latents_for_diffusion(z_tr, lengths=None, clip=True):
     """The denoiser's training set from the AE latents z_tr (K,d,T) of the training trials. Fixed length (official
-    LatentDataset): z~ = clamp((z - mu)/sigma, -5, 5) (the Lorenz default). End-padded trials of lengths (K,)
-    (official LatentHumanDataset, not clamped): masked mu, sigma over the valid bins, then centre_pad.
+    LatentDataset): z~ = clamp((z - mu)/sigma, -5, 5) (the Lorenz default; clip=False: not clamped, as in the
+    monkey recipes). End-padded trials of lengths (K,) (official LatentHumanDataset, not clamped): masked mu, sigma
+    over the valid bins, then centre_pad.
     Returns mu, sigma (1,d,1), z~ (K,d,T) and the centred padding mask (K,1,T), or None for fixed length."""
     if lengths is None:
         mu, sigma = latent_stats(z_tr)
-        return mu, sigma, ((z_tr - mu) / sigma).clamp(-5, 5), None
+        zn = (z_tr - mu) / sigma
+        return mu, sigma, zn.clamp(-5, 5) if clip else zn, None
     mu, sigma = masked_latent_stats(z_tr, end_mask(lengths, z_tr.shape[-1]))
     return (mu, sigma, *centre_pad((z_tr - mu) / sigma, lengths))
 
 
-def train_denoiser(cfg, zn_tr, m_tr=None):
+def train_denoiser(cfg, zn_tr, m_tr=None, c_tr=None, v_tr=None, name="DDPM"):
     """Stage 2 (train_diffusion_Lorenz.ipynb): DDPM on the normalised training latents zn_tr (K,d,T); clip 1.0, EMA
     of the weights. With a padding mask m_tr (K,1,T) (train_diffusion_human.ipynb): the mask is the denoiser's extra
-    input channel (C_in = d + 1) and the loss is averaged over valid bins. Returns (ddpm, EMA denoiser)."""
+    input channel (C_in = d + 1) and the loss is averaged over valid bins. The monkey recipes (Sec. 4.4): an angle
+    condition c_tr (K,2) enters through the time embedding (ConditionalDenoiser, condition_dim 2); velocity traces
+    v_tr (K,2,T) are extra input channels (Denoiser, C_in = d + 2). Returns (ddpm, EMA denoiser)."""
     ddpm = DDPM(cfg.n_diffusion).to(zn_tr.device)
     masked = m_tr is not None
-    dn = Denoiser(cfg.d_latent, cfg.dn_channels, cfg.dn_blocks, cfg.d_state, d_extra=int(masked), mask_norm=masked)
-    dn = dn.to(zn_tr.device)
+    extra = m_tr if masked else v_tr                           # (K,d_extra,T) or None
+    dn = Denoiser(cfg.d_latent, cfg.dn_channels, cfg.dn_blocks, cfg.d_state, d_extra=0 if extra is None else
+                  extra.shape[1], d_cond=0 if c_tr is None else c_tr.shape[1], mask_norm=masked).to(zn_tr.device)
+    if c_tr is not None or v_tr is not None:
+        with torch.no_grad():                                  # monkey recipes: conv_out x 0.1 at init
+            dn.conv_out.weight.mul_(0.1)
+            dn.conv_out.bias.mul_(0.1)
     ema = EMA(dn)
-    print(f"[diffusion] denoiser {sum(p.numel() for p in dn.parameters()):,} parameters")
+    print(f"[diffusion] {name}: denoiser {sum(p.numel() for p in dn.parameters()):,} parameters")
 
     def loss(idx):
-        if not masked:
-            return ddpm.loss(dn, zn_tr[idx])
-        return ddpm.loss(dn, zn_tr[idx], mask=m_tr[idx], extra=m_tr[idx])  # the mask is also the extra channel
-    fit(dn, loss, len(zn_tr), steps=cfg.dn_steps, batch=cfg.dn_batch, lr=cfg.dn_lr, clip=1.0, name="DDPM", ema=ema)
+        cond = {} if extra is None else dict(extra=extra[idx])
+        if c_tr is not None:
+            cond["c"] = c_tr[idx]
+        return ddpm.loss(dn, zn_tr[idx], mask=m_tr[idx] if masked else None, smooth_l1=cfg.dn_smooth_l1, **cond)
+    fit(dn, loss, len(zn_tr), steps=cfg.dn_steps, batch=cfg.dn_batch, lr=cfg.dn_lr, clip=1.0, name=name, ema=ema)
     return ddpm, ema.model
+
+
+def train_reach_denoisers(cfg, zn_tr, v_tr, lap):
+    """--demo reach: the conditional denoisers --condition asks for, on the latents zn_tr (K,d,T) of one AE and one
+    latent normalisation, with the training velocities v_tr (K,2,T) in m/s. Angle: c = [cos theta, sin theta], theta
+    read at cfg.angle_bin. Velocity: v / v_scale as two extra input channels.
+    NOTE (choice): velocity channels in units of the training velocity's std (official: m/s, a similar scale).
+    lap(stage) is called after each model (Stopwatch.lap).
+    Returns ddpm, {"angle" | "velocity": EMA denoiser}, v_scale."""
+    v_scale, models, ddpm = v_tr.std(), {}, None
+    if cfg.condition in ("angle", "both"):
+        ddpm, models["angle"] = train_denoiser(cfg, zn_tr, c_tr=reach_condition(v_tr, cfg.angle_bin), name="DDPM-angle")
+        lap("diffusion_train_angle")
+    if cfg.condition in ("velocity", "both"):
+        ddpm, models["velocity"] = train_denoiser(cfg, zn_tr, v_tr=v_tr / v_scale, name="DDPM-velocity")
+        lap("diffusion_train_velocity")
+    return ddpm, models, v_scale
+
 
 
 # -----------------------------------------------------------------------------
@@ -992,6 +1135,17 @@ def fit_spike_history(cfg, s_tr, lam_tr):
 # Generation: noise -> DDPM -> un-normalise -> decode -> Poisson (or spike history)
 # -----------------------------------------------------------------------------
 @torch.no_grad()
+def sample_trials(cfg, ddpm, dn, ae, mu, sigma, n, T, chunk=700, **cond):
+    """n trials of T bins: z~ from the sampler (in chunks; every conditioning tensor in cond is split with them),
+    z = z~ sigma + mu, rates = decode(z), spikes ~ Poisson(rates). -> z (n,d,T), rates and spikes (n,N,T)."""
+    z = torch.cat([ddpm.sample(dn, (min(chunk, n - i), cfg.d_latent, T), cfg.sample_steps, cfg.eta,
+                               **{k: v[i:i + chunk] for k, v in cond.items()}) for i in range(0, n, chunk)])
+    z = z * sigma + mu                                         # (n,d,T)
+    rates = batched(ae.decode, z)                              # (n,N,T)
+    return dict(z=z, rates=rates, spikes=torch.poisson(rates.cpu()))
+
+
+@torch.no_grad()
 def sample_at_lengths(cfg, ddpm, dn, ae, mu, sigma, lengths, T, chunk=700):
     """Trials of exactly the requested lengths (official sample_spikes_with_mask): centred masks m_c -> sampler with
     m_c as the extra channel at every step -> z = z~ sigma + mu -> decode the whole window (the decoder is pointwise
@@ -1027,15 +1181,37 @@ def generate(cfg, ddpm, dn, ae, mu, sigma, T, glm=None, lengths=None, chunk=700)
                    spikes_fixed=sample_at_lengths(cfg, ddpm, dn, ae, mu, sigma, fixed, T)["spikes"])
         return out
     print(f"[sampling] {n} trials, {cfg.sample_steps} steps (eta {cfg.eta}) + {cfg.n_long} at {16 * T} bins")
-    z = torch.cat([ddpm.sample(dn, (min(chunk, n - i), d, T), cfg.sample_steps, cfg.eta) for i in range(0, n, chunk)])
-    z = z * sigma + mu                                         # (n,d,T)
-    rates = batched(ae.decode, z)                              # (n,N,T)
-    out = dict(z=z, rates=rates, spikes=torch.poisson(rates.cpu()))
+    out = sample_trials(cfg, ddpm, dn, ae, mu, sigma, n, T, chunk)
     out["z_long"] = ddpm.sample(dn, (cfg.n_long, d, 16 * T), cfg.sample_steps, cfg.eta) * sigma + mu
     if glm is not None:
         out["spikes_plain"] = out["spikes"]
-        out["spikes"] = glm.sample(rates, cfg.sh_cap).cpu()
+        out["spikes"] = glm.sample(out["rates"], cfg.sh_cap).cpu()
     return out
+
+
+def requested_angles(n_angles, n_per_angle):
+    """The evaluation grid of reach directions: n_angles evenly spaced in [-pi, pi), each n_per_angle times. (n,)"""
+    return np.repeat(-np.pi + 2 * np.pi * np.arange(n_angles) / n_angles, n_per_angle).astype(np.float32)
+
+
+@torch.no_grad()
+def generate_reach(cfg, ddpm, models, ae, mu, sigma, T, v_req, lap):
+    """Conditioned trials (official sample_conditioned_on_angle / sample_with_velocity): the angle model at the
+    requested directions, c = [cos theta, sin theta] at every sampler step; the velocity model with the held-out
+    velocity traces v_req (n,2,T) (already divided by v_scale) as its extra channels at every step; lap(stage)
+    after each."""
+    gen = {}
+    if "angle" in models:
+        theta = torch.tensor(requested_angles(cfg.n_angles, cfg.n_per_angle))
+        c = torch.stack([torch.cos(theta), torch.sin(theta)], 1).to(mu.device)  # (n,2)
+        print(f"[sampling] {len(c)} angle-conditioned trials ({cfg.n_angles} directions), {cfg.sample_steps} steps")
+        gen["angle"] = dict(sample_trials(cfg, ddpm, models["angle"], ae, mu, sigma, len(c), T, c=c), theta=theta)
+        lap("sampling_angle")
+    if "velocity" in models:
+        print(f"[sampling] {len(v_req)} trials conditioned on held-out velocity traces, {cfg.sample_steps} steps")
+        gen["velocity"] = sample_trials(cfg, ddpm, models["velocity"], ae, mu, sigma, len(v_req), T, extra=v_req)
+        lap("sampling_velocity")
+    return gen
 
 
 # -----------------------------------------------------------------------------
@@ -1309,6 +1485,92 @@ def autocorrelogram_metrics(real, plain, sh, corr, L=10):
 
 
 # -----------------------------------------------------------------------------
+# Behaviour evaluation of --demo reach (official train_and_plot_diffusion_monkey_*_conditioned notebooks)
+# -----------------------------------------------------------------------------
+def bins_as_rows(a):
+    """(K,C,T) -> (K*T, C): every time bin of every trial is one sample."""
+    return a.transpose(0, 2, 1).reshape(-1, a.shape[1])
+
+
+def fit_ridge(X, Y, alpha):
+    """Ridge regression with an intercept (sklearn Ridge, fit_intercept=True): with centred Xc, Yc,
+    W = (Xc^T Xc + alpha I)^-1 Xc^T Yc and b = mean(Y) - mean(X) W. X (M,N), Y (M,c) -> W (N,c), b (c,)."""
+    x_mean, y_mean = X.mean(0), Y.mean(0)
+    Xc, Yc = X - x_mean, Y - y_mean
+    W = np.linalg.solve(Xc.T @ Xc + alpha * np.eye(X.shape[1]), Xc.T @ Yc)
+    return W, y_mean - x_mean @ W
+
+
+def decode_velocity(rates, W, b):
+    """The per-bin linear decoder v_hat(t) = W^T lambda(t) + b. rates (K,N,T) -> velocity (K,c,T)."""
+    V = bins_as_rows(rates.astype(np.float64)) @ W + b         # (K*T, c)
+    return V.reshape(rates.shape[0], rates.shape[2], -1).transpose(0, 2, 1)  # (K*T,c) -> (K,T,c) -> (K,c,T)
+
+
+def r2_score(Y, Y_hat):
+    """R^2 = 1 - SSE/SST per output over all trials and bins, averaged over outputs (sklearn r2_score). (K,c,T)."""
+    Y, Y_hat = bins_as_rows(Y.astype(np.float64)), bins_as_rows(Y_hat.astype(np.float64))
+    return float(np.mean(1 - ((Y - Y_hat) ** 2).sum(0) / ((Y - Y.mean(0)) ** 2).sum(0)))
+
+
+def trajectory(velocity):
+    """Hand position from the velocity, p(t) = sum_{s<=t} v(s) dt (the official plots cumsum it). (K,2,T) -> m."""
+    return np.cumsum(velocity, -1) * REACH_BIN_S
+
+
+def reach_direction(velocity):
+    """Direction of a (decoded) reach: the angle of its end point p(T-1).
+    NOTE (choice): the paper compares decoded and requested reaches by eye; the end point is the least noisy single
+    direction of a decoded trajectory. (K,2,T) -> (K,) radians."""
+    end = trajectory(velocity)[:, :, -1]                       # (K,2)
+    return np.arctan2(end[:, 1], end[:, 0])
+
+
+def angular_error_deg(a, b):
+    """|a - b| wrapped to [0, 180] degrees."""
+    return np.abs(np.degrees(np.angle(np.exp(1j * (a - b)))))
+
+
+def evaluate_reach(cfg, data, rates_hat, gen, v_req_trials):
+    """--demo reach, the paper's behaviour evaluation: a ridge decoder (official alpha) from the AE-reconstructed
+    rates of the real training trials to their velocity; its R^2 on the real held-out trials is the ceiling. Applied
+    to the angle-conditioned samples (angular error of the decoded reach direction against the requested one) and
+    to the velocity-conditioned samples (R^2 against the requested held-out traces). Spike statistics: angle-
+    conditioned samples (their directions cover the circle evenly) vs the real training trials, a size-matched
+    real-vs-real floor, and velocity-conditioned samples vs the held-out trials whose velocities they were given."""
+    print("[evaluation]")
+    tr, te, v = data["train"], data["test"], data["velocity"]
+    dec = fit_ridge(bins_as_rows(rates_hat[tr].astype(np.float64)), bins_as_rows(v[tr]), cfg.ridge_alpha)
+    v_dec_te = decode_velocity(rates_hat[te], *dec)
+    res = {"behaviour/decoder_r2_real_test": r2_score(v[te], v_dec_te),
+           "behaviour/real_test_angle_error_median_deg": float(np.median(angular_error_deg(
+               reach_direction(v_dec_te), data["angle"][te])))}
+    real = data["spikes"][tr]
+    st_real, rows, run = spike_stats(real), {}, dict(dec=dec, v_req_trials=v_req_trials)
+    if "angle" in gen:
+        g = gen["angle"]
+        v_dec = decode_velocity(g["rates"].cpu().numpy(), *dec)  # (n,2,T)
+        err = angular_error_deg(reach_direction(v_dec), g["theta"].cpu().numpy())
+        res.update({"angle/n_directions": cfg.n_angles, "angle/n_samples": len(err),
+                    "angle/error_median_deg": float(np.median(err)),
+                    "angle/error_p90_deg": float(np.percentile(err, 90))})
+        s = g["spikes"].cpu().numpy().astype(np.int64)
+        rows.update(angle_gen_vs_real=(spike_stats(s), st_real),
+                    real_vs_real_size_matched=(spike_stats(real[:len(s)]), spike_stats(real[len(s):2 * len(s)])))
+        run["st_gen"] = rows["angle_gen_vs_real"][0]
+    if "velocity" in gen:
+        r2 = r2_score(v[v_req_trials], decode_velocity(gen["velocity"]["rates"].cpu().numpy(), *dec))
+        res.update({"velocity/n_traces": len(v_req_trials), "velocity/r2_decoded_vs_requested": r2,
+                    "velocity/r2_fraction_of_real_decoder": r2 / res["behaviour/decoder_r2_real_test"]})
+        rows["velocity_gen_vs_real_test"] = (spike_stats(gen["velocity"]["spikes"].cpu().numpy().astype(np.int64)),
+                                             spike_stats(data["spikes"][v_req_trials]))
+    for row, (a, b) in rows.items():
+        res.update({f"{row}/{k}": val for k, val in compare(a, b).items()})
+    return res, run
+
+
+
+# -----------------------------------------------------------------------------
 # Figures (plotting_diffusion_Lorenz.ipynb, paper Fig. 2); matplotlib is imported here only
 # -----------------------------------------------------------------------------
 def make_figures(fig_dir, data, run, res):
@@ -1346,6 +1608,9 @@ def make_figures(fig_dir, data, run, res):
     if "buckets" in run:                                       # lorenz-varlen: no figures of fixed-length latents
         stats_panel(fig_dir, run["st_real"], run["st_gen"], res, "LDNS")
         varlen_figure(fig_dir, run, res)
+        return
+    if "reach" in run:                                         # --demo reach: the behaviour figures
+        reach_figures(fig_dir, data, run, run["reach"])
         return
     # 3. latent trajectories in Lorenz coordinates (the latent-recovery map; raw channels for own data)
     fig = Figure(figsize=(13, 4.3))
@@ -1461,27 +1726,109 @@ def acg_figure(fig_dir, res):
     save_figure(fig, os.path.join(fig_dir, "6_autocorrelograms.png"))
 
 
+def reach_figures(fig_dir, data, run, gen):
+    """--demo reach (paper Fig. 5): 6_reach_angle_fan (real held-out reaches and decoded angle-conditioned samples,
+    coloured by angle), 7_reach_velocity (requested vs decoded held-out trajectories and speeds), 8_reach_raster
+    (one angle-conditioned trial, neurons sorted by preferred direction)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    hsv, norm, te = colormaps["hsv"], Normalize(-np.pi, np.pi), data["test"]
+    if "angle" in gen:
+        g = gen["angle"]
+        fig = Figure(figsize=(10, 4.6))
+        panels = ((trajectory(data["velocity"][te]), data["angle"][te], "real held-out reaches"),
+                  (trajectory(decode_velocity(g["rates"].cpu().numpy(), *run["dec"])), g["theta"].cpu().numpy(),
+                   "decoded, angle-conditioned samples"))
+        for i, (p, angle, title) in enumerate(panels):
+            ax = fig.add_subplot(1, 2, i + 1)
+            for pk, ak in zip(p, angle):
+                ax.plot(pk[0], pk[1], color=hsv(norm(ak)), lw=0.7, alpha=0.6)
+            ax.set(title=title, xlabel="x (m)", ylabel="y (m)", aspect="equal")
+        fig.colorbar(ax.scatter([], [], c=[], cmap=hsv, norm=norm), ax=ax).set_label("requested angle (rad)")
+        save_figure(fig, os.path.join(fig_dir, "6_reach_angle_fan.png"))
+        fig = Figure(figsize=(10, 4.5))
+        ax = fig.add_subplot(1, 1, 1)
+        ax.imshow(g["spikes"][0].cpu().numpy()[np.argsort(data["pref_dir"])], aspect="auto", cmap="Greys",
+                  interpolation="nearest", vmax=3)
+        ax.set(title=f"generated trial, requested angle {np.degrees(g['theta'][0].item()):.0f} deg",
+               xlabel="time bin", ylabel="neuron (by preferred direction)")
+        save_figure(fig, os.path.join(fig_dir, "8_reach_raster.png"))
+    if "velocity" in gen:
+        n = min(6, len(run["v_req_trials"]))
+        v_req = data["velocity"][run["v_req_trials"][:n]]
+        v_dec = decode_velocity(gen["velocity"]["rates"][:n].cpu().numpy(), *run["dec"])
+        fig = Figure(figsize=(10, 4.6))
+        ax = fig.add_subplot(1, 2, 1)
+        for i, (pr, pd) in enumerate(zip(trajectory(v_req), trajectory(v_dec))):
+            ax.plot(pr[0], pr[1], color=f"C{i}", lw=2.5, alpha=0.5)
+            ax.plot(pd[0], pd[1], color=f"C{i}", lw=1, ls="--")
+        ax.set(title="held-out: requested (thick), decoded (dashed)", xlabel="x (m)", ylabel="y (m)", aspect="equal")
+        ax = fig.add_subplot(1, 2, 2)
+        for i in range(min(3, n)):
+            ax.plot(np.hypot(*v_req[i]), color=f"C{i}", lw=2.5, alpha=0.5)
+            ax.plot(np.hypot(*v_dec[i]), color=f"C{i}", lw=1, ls="--")
+        ax.set(title="speed: requested vs decoded", xlabel="time bin", ylabel="speed (m/s)")
+        save_figure(fig, os.path.join(fig_dir, "7_reach_velocity.png"))
+
+
+
 # -----------------------------------------------------------------------------
 # Outputs and the pipeline
 # -----------------------------------------------------------------------------
-def write_outputs(cfg, data, ae, dn, mu, sigma, gen, run, res, clock):
-    """Figures, weights, samples.npz, timing.json, and metrics.json last (each file written atomically)."""
+def write_outputs(cfg, weights, samples, res, clock):
+    """State dicts {file name: state dict} (on the CPU), samples.npz (counts as int16 when they fit), timing.json,
+    and metrics.json last; each file written atomically."""
+    for name, sd in weights.items():
+        save_atomic(os.path.join(cfg.out, name), lambda f, sd=sd: torch.save({k: v.cpu() for k, v in sd.items()}, f))
+    ints = [a for a in samples.values() if np.issubdtype(a.dtype, np.integer)]
+    dt = np.int16 if max(a.max() for a in ints) < 2 ** 15 else np.int64
+    samples = {k: a.astype(dt) if np.issubdtype(a.dtype, np.integer) else a for k, a in samples.items()}
+    save_atomic(os.path.join(cfg.out, "samples.npz"), lambda f: np.savez_compressed(f, **samples))
+    clock.lap("figures_and_outputs")
+    clock.times["total"] = round(sum(clock.times.values()), 2)
+    write_json(os.path.join(cfg.out, "timing.json"), clock.times)
+    write_json(os.path.join(cfg.out, "metrics.json"), res)    # last, atomically
+
+
+def lorenz_outputs(cfg, data, ae, dn, mu, sigma, gen, run, res, clock):
+    """Figures, ae.pt, denoiser.pt (with the latent normalisation), samples.npz (real = training trials, generated;
+    LDNS alone with spike history; the lengths for lorenz-varlen), timing.json, metrics.json."""
     make_figures(os.path.join(cfg.out, "figures"), data, run, res)
-    save_atomic(os.path.join(cfg.out, "ae.pt"), lambda f: torch.save({k: v.cpu() for k, v in ae.state_dict().items()}, f))
-    weights = {**{k: v.cpu() for k, v in dn.state_dict().items()}, "latent_mu": mu.cpu(), "latent_sigma": sigma.cpu()}
-    save_atomic(os.path.join(cfg.out, "denoiser.pt"), lambda f: torch.save(weights, f))
     samples = dict(real=data["spikes"][data["train"]], generated=gen["spikes"].cpu().numpy().astype(np.int64))
     if "spikes_plain" in gen:
         samples["generated_plain"] = gen["spikes_plain"].cpu().numpy().astype(np.int64)
     if "lengths" in data:                                      # lorenz-varlen: end-padded trials and their lengths
         samples.update(lengths_real=data["lengths"][data["train"]], lengths_generated=run["lengths_generated"])
-    dt = np.int16 if max(a.max() for a in samples.values()) < 2 ** 15 else np.int64
-    save_atomic(os.path.join(cfg.out, "samples.npz"),
-                lambda f: np.savez_compressed(f, **{k: v.astype(dt) for k, v in samples.items()}))
-    clock.lap("figures_and_outputs")
-    clock.times["total"] = round(sum(clock.times.values()), 2)
-    write_json(os.path.join(cfg.out, "timing.json"), clock.times)
-    write_json(os.path.join(cfg.out, "metrics.json"), res)    # last, atomically
+    weights = {"ae.pt": ae.state_dict(), "denoiser.pt": {**dn.state_dict(), "latent_mu": mu, "latent_sigma": sigma}}
+    write_outputs(cfg, weights, samples, res, clock)
+
+
+def run_reach(cfg, data, ae, rates_hat, mu, sigma, zn_tr, clock):
+    """--demo reach, stages 2-5 on the AE and latent normalisation of the run: the conditional denoisers, trials
+    at the requested angles and at held-out velocity traces never used in training, the behaviour evaluation,
+    figures and outputs (samples.npz: real, generated = angle-conditioned (velocity-conditioned without an angle
+    model), generated_velocity and the conditions; the time per stage also in metrics.json)."""
+    v = torch.tensor(data["velocity"]).to(mu.device)           # (K,2,T) m/s
+    ddpm, models, v_scale = train_reach_denoisers(cfg, zn_tr, v[data["train"]], clock.lap)
+    v_req_trials = data["test"][:cfg.n_vel]                    # held-out: their trajectories are never trained on
+    gen = generate_reach(cfg, ddpm, models, ae, mu, sigma, v.shape[-1], v[v_req_trials] / v_scale, clock.lap)
+    res, run = evaluate_reach(cfg, data, rates_hat.cpu().numpy(), gen, v_req_trials)
+    clock.lap("evaluation")
+    make_figures(os.path.join(cfg.out, "figures"), data, dict(run, rates_hat=rates_hat.cpu().numpy(), reach=gen), res)
+    clock.lap("figures")
+    res.update({f"time_s/{k}": t for k, t in clock.times.items()})
+    first = gen.get("angle", gen.get("velocity"))
+    samples = dict(real=data["spikes"][data["train"]], generated=first["spikes"].cpu().numpy().astype(np.int64))
+    if "angle" in gen:
+        samples["angle_requested"] = gen["angle"]["theta"].cpu().numpy()
+    if "velocity" in gen:
+        samples.update(generated_velocity=gen["velocity"]["spikes"].cpu().numpy().astype(np.int64),
+                       velocity_requested=data["velocity"][v_req_trials], velocity_requested_trials=v_req_trials)
+    weights = {"ae.pt": ae.state_dict(), **{f"denoiser_{k}.pt": {**m.state_dict(), "latent_mu": mu, "latent_sigma":
+               sigma, "velocity_scale": v_scale.reshape(1)} for k, m in models.items()}}
+    write_outputs(cfg, weights, samples, res, clock)
+    return res
 
 
 def setup(cfg):
@@ -1511,7 +1858,9 @@ def main(argv=None) -> dict:
     z_all = batched(ae.encode, x)                              # (K,d,T), raw spikes in, no mask
     rates_hat = batched(ae.decode, z_all)                      # (K,N,T)
     clock.lap("autoencoder")
-    mu, sigma, zn_tr, m_tr = latents_for_diffusion(z_all[tr], len_tr)  # 2) latent diffusion on normalised latents
+    mu, sigma, zn_tr, m_tr = latents_for_diffusion(z_all[tr], len_tr, clip=cfg.demo != "reach")  # 2) latents
+    if cfg.demo == "reach":                                    # 2-5) the conditional models of Sec. 4.4
+        return report(run_reach(cfg, data, ae, rates_hat, mu, sigma, zn_tr, clock), clock, cfg.out)
     ddpm, dn = train_denoiser(cfg, zn_tr, m_tr)
     clock.lap("diffusion_train")
     glm = None
@@ -1524,12 +1873,17 @@ def main(argv=None) -> dict:
     clock.lap("evaluation")
     run.update(rates_hat=rates_hat.cpu().numpy(), z_ae=z_all[data["test"]].cpu().numpy(),
                **latent_axes(data, z_all.cpu()))
-    write_outputs(cfg, data, ae, dn, mu, sigma, gen, run, res, clock)
+    lorenz_outputs(cfg, data, ae, dn, mu, sigma, gen, run, res, clock)
+    return report(res, clock, cfg.out)
+
+
+def report(res, clock, out):
+    """Print the metrics and the time per stage; return the metrics."""
     print("\nmetric" + " " * 36 + "value")
     for k, v in res.items():
         if not isinstance(v, list):
             print(f"  {k:<40} {v:.4g}" if isinstance(v, float) else f"  {k:<40} {v}")
-    print(f"time per stage (s): {clock.times}\noutputs in {cfg.out}")
+    print(f"time per stage (s): {clock.times}\noutputs in {out}")
     return res
 
 

@@ -33,7 +33,9 @@ Spike-GAN: the gradient penalty takes the norm over all non-batch dims, is zero 
   parameters refitted; importance is zero where there is no spike; statistics on a known pattern; the --paper
   configuration, models and CPU warning; end to end, metrics recomputed from Spike-GAN's own samples; long-series
   windowing; own data; the bad-data cases.
-Tutorial: every code cell of tutorial.ipynb runs, in order, in a fresh interpreter.
+Tutorial: every code cell of tutorial.ipynb runs, in order, in a fresh interpreter (its tiny sizes); it is committed
+  with outputs and figures under 3 MB; each exercise stub raises NotImplementedError and precedes its solution
+  and check; its runs and side-by-side table leave finite numbers; nothing is written outside its folder.
 """
 import ast
 import copy
@@ -806,6 +808,135 @@ def test_ldns_varlen_quick_varlen_end_to_end(tmp_path):
     assert sum(res[f"len_{lo}-{hi}/n_generated"] for lo, hi in buckets) == res["data/n_generated"]
 
 
+# --- conditional generation on the synthetic reaching task (--demo reach) -------------------------------------------
+def test_ldns_reach_data_angle_and_minimum_jerk_profile():
+    """The angle condition read at any bin inside every reach is the generating angle (straight reaches); the
+    minimum-jerk speed integrates to the reach distance and is zero before onset."""
+    T = 128
+    d = ldns.make_reach_data(40, T, 16, np.random.default_rng(0))
+    lo, hi = ldns.reach_angle_bins(T)
+    for b in (lo, hi):
+        c = ldns.reach_condition(torch.tensor(d["velocity"]), b).numpy()
+        np.testing.assert_allclose(np.arctan2(c[:, 1], c[:, 0]), d["angle"], atol=1e-5)
+    speed = np.hypot(*d["velocity"].transpose(1, 0, 2))        # (K,T)
+    dist = speed.sum(1) * ldns.REACH_BIN_S
+    assert ((dist > ldns.REACH_DISTANCE[0] - 1e-3) & (dist < ldns.REACH_DISTANCE[1] + 1e-3)).all()
+    assert (speed[:, :int(ldns.REACH_ONSET[0] * T)] == 0).all()
+    assert d["spikes"].shape == (40, 16, T) and d["spikes"].dtype == np.int64
+
+
+def _angle_denoiser():
+    torch.manual_seed(0)
+    return ldns.Denoiser(4, 16, 1, 8, d_cond=2)
+
+
+def test_ldns_reach_untrained_conditional_denoiser_ignores_c_then_uses_it_after_one_step():
+    """adaLN-Zero: before training the angle embedding reaches the output only through zero-initialised layers,
+    so two angles give identical outputs; after one optimiser step they differ (conditioning reaches the output)."""
+    dn, ddpm = _angle_denoiser(), ldns.DDPM()
+    z, t = torch.randn(2, 4, 24), torch.tensor([500, 500])
+    c1 = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    c2 = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    with torch.no_grad():
+        assert torch.equal(dn(z, t, c=c1), dn(z, t, c=c2))
+    opt = torch.optim.AdamW(dn.parameters(), lr=1e-2)
+    ddpm.loss(dn, torch.randn(8, 4, 24), c=torch.randn(8, 2)).backward()
+    opt.step()
+    with torch.no_grad():
+        assert (dn(z, t, c=c1) - dn(z, t, c=c2)).abs().max() > 1e-6
+
+
+def test_ldns_reach_velocity_channels_are_inputs_only_and_excluded_from_the_loss():
+    """Denoiser(C_in = d + 2): the velocity enters the output, but the two extra output channels are dropped, so
+    whatever they would predict (their weights, i.e. their 'target') changes neither the loss nor its gradients."""
+    torch.manual_seed(0)
+    dn = ldns.Denoiser(4, 16, 1, 8, d_extra=2)
+    with torch.no_grad():                                      # make the blocks non-trivial
+        for p in dn.parameters():
+            p.add_(0.1 * torch.randn(p.shape))
+    x0, v = torch.randn(3, 4, 24), torch.randn(3, 2, 24)
+    ddpm = ldns.DDPM()
+
+    def loss():
+        torch.manual_seed(1)
+        return ddpm.loss(dn, x0, extra=v)
+    base = loss()
+    base.backward()
+    assert dn.conv_out.weight.grad[4:].abs().max() == 0 and dn.conv_out.bias.grad[4:].abs().max() == 0
+    with torch.no_grad():
+        dn.conv_out.weight[4:].normal_(0, 10.0)
+        dn.conv_out.bias[4:].normal_(0, 10.0)
+        assert loss() == base
+        t = torch.tensor([100, 100, 100])
+        assert (dn(x0, t, extra=v) - dn(x0, t, extra=-v)).abs().max() > 1e-4
+
+
+def test_ldns_reach_ridge_decoder_recovers_a_known_linear_map():
+    """Oracle: rates from a known linear map plus intercept; fit_ridge (tiny alpha) recovers W and b, and the
+    decoded velocity reaches R^2 ~ 1 (r2_score equals 1 - SSE/SST per output, averaged)."""
+    rng = np.random.default_rng(0)
+    rates = rng.gamma(2.0, 0.5, (30, 12, 40))                  # (K,N,T)
+    W, b = rng.standard_normal((12, 2)), np.array([0.3, -0.2])
+    v = ldns.bins_as_rows(rates) @ W + b                       # (K*T, 2)
+    v = v.reshape(30, 40, 2).transpose(0, 2, 1)                # (K,T,2) -> (K,2,T)
+    W_hat, b_hat = ldns.fit_ridge(ldns.bins_as_rows(rates), ldns.bins_as_rows(v), 1e-8)
+    np.testing.assert_allclose(W_hat, W, atol=1e-6)
+    np.testing.assert_allclose(b_hat, b, atol=1e-6)
+    assert ldns.r2_score(v, ldns.decode_velocity(rates, W_hat, b_hat)) > 1 - 1e-10
+    assert abs(ldns.r2_score(v, np.broadcast_to(v.mean((0, 2), keepdims=True), v.shape))) < 1e-12
+
+
+def test_ldns_reach_direction_and_angular_error():
+    theta = np.array([0.1, 2.0, -3.0])
+    v = np.zeros((3, 2, 10))
+    v[:, 0, 3:7], v[:, 1, 3:7] = np.cos(theta)[:, None], np.sin(theta)[:, None]
+    np.testing.assert_allclose(ldns.reach_direction(v), theta, atol=1e-12)
+    np.testing.assert_allclose(ldns.angular_error_deg(np.array([np.pi - 0.1, 0.2]), np.array([-np.pi + 0.1, -0.2])),
+                               np.degrees([0.2, 0.4]), atol=1e-9)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--demo", "reach", "--angle-bin", "20"],                  # before the latest onset
+    ["--demo", "reach", "--n-vel", "400"],                     # more than the 300 held-out trials
+    ["--demo", "reach", "--data", "x.npz"],
+    ["--demo", "reach", "--spike-history"],
+    ["--demo", "reach", "--condition", "speed"],
+    ["--ridge-alpha", "-1"],
+])
+def test_ldns_reach_bad_settings_exit_with_status_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        ldns.parse_args(argv)
+    assert e.value.code == 2
+    assert "--" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("condition", ["both", "velocity"])
+def test_ldns_reach_quick_end_to_end(tmp_path, condition):
+    out = tmp_path / "run"
+    res = ldns.main(["--demo", "reach", "--quick", "--threads", "1", "--condition", condition, "--out", str(out)])
+    both = condition == "both"
+    names = ["config.json", "metrics.json", "timing.json", "samples.npz", "ae.pt", "denoiser_velocity.pt",
+             "figures/1_data.png", "figures/7_reach_velocity.png"]
+    names += ["denoiser_angle.pt", "figures/6_reach_angle_fan.png", "figures/8_reach_raster.png"] if both else []
+    for f in names:
+        assert (out / f).is_file(), f
+    assert both == (out / "denoiser_angle.pt").exists()
+    w = torch.load(out / "denoiser_velocity.pt", weights_only=True)
+    assert w["conv_in.weight"].shape[1] == 8 + 2 and {"latent_mu", "latent_sigma", "velocity_scale"} <= set(w)
+    with np.load(out / "samples.npz") as s:
+        keys = {"real", "generated", "generated_velocity", "velocity_requested", "velocity_requested_trials"}
+        assert set(s.files) == keys | ({"angle_requested"} if both else set())
+        assert s["generated_velocity"].shape == (8, 32, 32) and s["velocity_requested"].shape == (8, 2, 32)
+        if both:
+            assert s["generated"].shape == (16, 32, 32) and len(np.unique(s["angle_requested"])) == 8
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(res))
+    assert res["behaviour/decoder_r2_real_test"] <= 1 and res["behaviour/real_test_angle_error_median_deg"] <= 180
+    for k in ["velocity/r2_decoded_vs_requested", "velocity_gen_vs_real_test/r_rate"] + (
+            ["angle/error_median_deg", "angle/error_p90_deg", "angle_gen_vs_real/r_corr"] if both else []):
+        assert np.isfinite(res[k]), k
+    assert both == ("angle/error_median_deg" in res)
+
+
 # --- the official scale ---------------------------------------------------------------------------------------------
 def test_ldns_paper_models_at_full_size_take_one_step():
     """--paper builds the official Lorenz AE and denoiser; one optimiser step runs on a batch of 2 at 128 x 256. The
@@ -1511,19 +1642,53 @@ def test_sg_bad_data_files_and_keys(tmp_path):
 # =====================================================================================================================
 # Tutorial: every code cell of tutorial.ipynb runs, in order, in a fresh interpreter (no Jupyter needed)
 # =====================================================================================================================
-def test_tutorial_notebook_executes(tmp_path):
-    """The notebook's own cells assert its identity checks (S4 convolution == recurrence, MMD(x, x) = 0, the
-    penalty of a unit-norm linear critic); here every cell must run, and the three runs must leave metrics."""
-    nb = json.loads(open(os.path.join(ROOT, "tutorial.ipynb")).read())
-    assert nb["nbformat"] == 4
-    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-    assert len(cells) >= 10 and sum("assert " in c for c in cells) >= 3
+def test_tutorial_notebook_executes(tmp_path, monkeypatch):
+    """Every code cell of tutorial.ipynb, in order, in a fresh interpreter, at the notebook's tiny sizes
+    (NEUROGEN_TUTORIAL_FAST=1; its real runs take minutes). The cells assert the identity checks (S4 convolution ==
+    recurrence, the DDPM posterior mean and forward process, MMD(x, x) = 0, the penalty of a linear critic) and the
+    exercise checks against the files' own functions. Here also: the notebook is committed with its outputs (every
+    code cell executed, figures embedded, under 3 MB); each exercise stub raises NotImplementedError and is
+    followed by its solution and its check; the three runs and the side-by-side table leave finite numbers; and
+    nothing is written outside the notebook's output folder (the temp folder is redirected into tmp_path)."""
+    import re
+    path = os.path.join(ROOT, "tutorial.ipynb")
+    nb = json.loads(open(path).read())
+    assert nb["nbformat"] == 4 and os.path.getsize(path) < 3e6
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    cells = ["".join(c["source"]) for c in code]
+    assert len(cells) >= 20 and sum("assert " in c for c in cells) >= 10
+    assert all(c.get("execution_count") for c in code), "commit the notebook executed, with its outputs"
+    assert sum("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", [])) >= 6
+    stubs = [i for i, src in enumerate(cells) if "raise NotImplementedError" in src]
+    assert len(stubs) >= 3
+    for i in stubs:                                            # stub -> solution (same functions) -> check
+        names = re.findall(r"^def (\w+)", cells[i], re.M)
+        assert names and re.findall(r"^def (\w+)", cells[i + 1], re.M) == names, cells[i + 1]
+        assert "NotImplementedError" not in cells[i + 1] and "assert" in cells[i + 2]
+        ns = {}
+        exec(cells[i], ns)
+        for name in names:
+            with pytest.raises(NotImplementedError):
+                ns[name](*[None] * ns[name].__code__.co_argcount)
     script = tmp_path / "tutorial_cells.py"
     script.write_text("\n\n".join(f"# --- cell {i}\n{src}" for i, src in enumerate(cells)) +
-                      "\nprint('METRICS', json.dumps({'ldns': m_ldns['gen_vs_real/r_rate'], "
-                      "'gnocchi': m_gn['gnocchi_heldout_r2'], 'spikegan': m_sg['Spike-GAN']['mean_r']}))\n")
-    r = run_cli([str(script)], cwd=tmp_path, timeout=600)
+                      "\nprint('METRICS', json.dumps({'ldns': [m_ldns['gen_vs_real/r_corr'], "
+                      "m_ldns['acg/ldns_sh/lag1_ratio']], 'gnocchi': [m_gn['gnocchi_heldout_r2'], "
+                      "m_gn['gnocchi_psth_r2']], 'spikegan': [m_sg['Spike-GAN']['mean_r'], m_sg['DG']['cov_r']], "
+                      "'side': side}))\n")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("NEUROGEN_TUTORIAL_FAST", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))      # OUT = tempfile.mkdtemp() lands in tmp_path/tmp
+    r = run_cli([str(script)], cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     vals = json.loads(r.stdout.split("METRICS ")[-1])
-    assert all(np.isfinite(v) and -1 <= v <= 1 for v in vals.values()), vals
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tutorial_cells.py"], "the notebook wrote outside OUT"
+    side = vals.pop("side")
+    assert all(np.isfinite(v) for pair in vals.values() for v in pair), vals
+    assert {"real vs real (floor)", "LDNS alone (Poisson)", "LDNS + spike history", "Spike-GAN", "DG"} < set(side)
+    assert all(0 < row["P(spike)"] < 1 for row in side.values()), side
+    assert all(np.isfinite(v) for v in side["real vs real (floor)"].values()), side
+    assert all(0 <= row["sync TV"] <= 1 for name, row in side.items() if "sync TV" in row), side
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp", "tutorial_cells.py"], "wrote outside OUT"
+    out = [p for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")]  # torch's own cache
+    assert len(out) == 1 and out[0].name.startswith("neurogen-tutorial-"), "wrote outside OUT"
+    assert (out[0] / "ldns" / "metrics.json").exists() and (out[0] / "spikegan" / "samples.npz").exists()
