@@ -34,8 +34,9 @@ Run (2-core x86-64 CPU, --device cpu):
                                                    #   data's 0.368 (LDNS alone 2.21); every r >= 0.95
   python ldns_minimal.py --demo lorenz-varlen      # ~5 min: trials of 48-160 bins; r(rate, corr, mean ISI) >= 0.9
                                                    #   in every length bucket, each trial of its requested length
-  python ldns_minimal.py --demo reach              # ~5 min: spikes conditioned on a reach angle (decoded direction
-                                                   #   off by 7.8 deg, median) or a held-out velocity trace (R^2 0.95)
+  python ldns_minimal.py --demo reach              # ~4.5 min: spikes conditioned on a reach angle (decoded
+                                                   #   direction off by 7.8 deg, median) or a held-out velocity
+                                                   #   trace (decoded R^2 0.95)
   python ldns_minimal.py --quick                   # ~10 s: every stage on a toy problem (numbers meaningless)
   python ldns_minimal.py --paper                   # the official scale (5000 x 256 trials, 1000-step sampler): a GPU job
   python ldns_minimal.py --data spikes.npz         # your own counts (trials, neurons, bins), npz key 'spikes'

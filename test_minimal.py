@@ -18,7 +18,10 @@ LDNS: S4 FFT convolution == explicit causal convolution == recurrence (and the b
   models at full size with one optimiser step and the denoiser's parameter count against the official 179,432;
   --demo lorenz-refractory --quick; variable-length trials (the causal AE ignores later inputs, masked losses and
   statistics ignore padded bins, centred re-padding and cropping are inverse, generated trials have the requested
-  lengths, --demo lorenz-varlen --quick, bad length flags); own data; bad data and bad flags.
+  lengths, --demo lorenz-varlen --quick, bad length flags); conditional reaching (the angle condition equals the
+  generating angle, adaLN-Zero ignores c before training and uses it after one step, the velocity channels are
+  inputs only and outside the loss, the ridge decoder recovers a known linear map, --demo reach --quick for both
+  conditions, bad reach flags); own data; bad data and bad flags.
 GNOCCHI: MMD zero/symmetric/positive and equal to InfoDiffusion's kernel written out; AdaGN uses the code and the
   output layer starts at zero; attention == scaled dot-product attention; the --paper U-Net layout; the schedule
   ends near abar = 0 and DDIM with an oracle eps recovers x0; the lr schedule; held-out targets never enter
