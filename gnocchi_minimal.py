@@ -18,7 +18,7 @@ Left out: the paper's RNN-controlled biomechanical arm (replaced by a random rat
 the monkey dataset, LFADS's inferred inputs and hyperparameter search, reverse-DDIM editing.
 
 Run (seed 0, measured on a 2-core x86-64 VM, CPU):
-  python gnocchi_minimal.py           # --demo reach, ~3.5 min: held-out target R^2 from codes 0.867 (PCA 0.830,
+  python gnocchi_minimal.py           # --demo reach, ~4.5 min: held-out target R^2 from codes 0.867 (PCA 0.830,
                                       # LFADS-like 0.896), |cos(w_x, w_y)| 0.045, generated held-out PSTH R^2 0.728
   python gnocchi_minimal.py --quick   # ~10 s: every stage on a toy problem (numbers meaningless)
   python gnocchi_minimal.py --paper   # InfoDiffusion's scale (6.9M parameters, 20,000 steps): a GPU job

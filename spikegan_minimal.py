@@ -21,8 +21,8 @@ and MPS. Models are built on the CPU, then moved. Float sums depend on the threa
 identical numbers at the same --threads.
 
 Run (a 2-core x86 CPU VM, both cores, seed 0; numbers against the held-out data; GPU times not measured):
-  python spikegan_minimal.py                 # 4 min, 3000 iterations: rate r 0.99, covariance r 0.88, k-statistics
-                                             #   L1 0.091 (real-vs-real 0.0017), lag-1 ratio 1.30 (data 0.10)
+  python spikegan_minimal.py                 # 5 min, 3000 iterations: rate r 0.98, covariance r 0.90, k-statistics
+                                             #   L1 0.093 (real-vs-real 0.0017), lag-1 ratio 1.24 (data 0.10)
   python spikegan_minimal.py --long          # 19 min, 15000 iterations: covariance r 0.97, lag-1 ratio 0.78
   python spikegan_minimal.py --demo packets  # 8 min, 6000 iterations: importance inside / outside the packets 2.47
   python spikegan_minimal.py --quick         # 10 s smoke test (numbers meaningless)
