@@ -133,7 +133,8 @@ class Config:
 DEMOS = {"lorenz": {}, "lorenz-refractory": dict(spike_history=True, ae_steps=400),
          "lorenz-varlen": dict(n_bins=160, ae_causal=True),
          # NOTE (deviation): the monkey recipes train a causal AE (d 16, p 0.5, beta_lat 0.001, beta_td 0.2) and
-         # denoisers of 256 channels x 6 blocks for 2000 epochs of batch 512; here the Lorenz AE recipe and 64 x 2
+         # denoisers of 256 channels x 6 blocks for 2000 epochs of batch 512; here the Lorenz AE recipe and
+         # denoisers of 64 channels x 2 blocks for 1000 steps of batch 64
          "reach": dict(ae_steps=400, dn_blocks=2, dn_steps=1000, dn_smooth_l1=0.05)}
 PRESETS = {
     "quick": (dict(n_trials=60, n_bins=32, n_neurons=32, ae_channels=16, ae_blocks=1, d_state=16, ae_steps=100,
@@ -1061,7 +1062,6 @@ def train_reach_denoisers(cfg, zn_tr, v_tr, lap):
     return ddpm, models, v_scale
 
 
-
 # -----------------------------------------------------------------------------
 # Spike-history observation model (Sec. 3.3; train_spike_history_monkey.ipynb)
 # -----------------------------------------------------------------------------
@@ -1547,7 +1547,7 @@ def evaluate_reach(cfg, data, rates_hat, gen, v_req_trials):
            "behaviour/real_test_angle_error_median_deg": float(np.median(angular_error_deg(
                reach_direction(v_dec_te), data["angle"][te])))}
     real = data["spikes"][tr]
-    st_real, rows, run = spike_stats(real), {}, dict(dec=dec, v_req_trials=v_req_trials)
+    st_real, rows, run = spike_stats(real), {}, dict(v_req_trials=v_req_trials)
     if "angle" in gen:
         g = gen["angle"]
         v_dec = decode_velocity(g["rates"].cpu().numpy(), *dec)  # (n,2,T)
@@ -1558,9 +1558,10 @@ def evaluate_reach(cfg, data, rates_hat, gen, v_req_trials):
         s = g["spikes"].cpu().numpy().astype(np.int64)
         rows.update(angle_gen_vs_real=(spike_stats(s), st_real),
                     real_vs_real_size_matched=(spike_stats(real[:len(s)]), spike_stats(real[len(s):2 * len(s)])))
-        run["st_gen"] = rows["angle_gen_vs_real"][0]
+        run.update(st_gen=rows["angle_gen_vs_real"][0], v_dec_angle=v_dec)
     if "velocity" in gen:
-        r2 = r2_score(v[v_req_trials], decode_velocity(gen["velocity"]["rates"].cpu().numpy(), *dec))
+        run["v_dec_velocity"] = decode_velocity(gen["velocity"]["rates"].cpu().numpy(), *dec)  # (n,2,T)
+        r2 = r2_score(v[v_req_trials], run["v_dec_velocity"])
         res.update({"velocity/n_traces": len(v_req_trials), "velocity/r2_decoded_vs_requested": r2,
                     "velocity/r2_fraction_of_real_decoder": r2 / res["behaviour/decoder_r2_real_test"]})
         rows["velocity_gen_vs_real_test"] = (spike_stats(gen["velocity"]["spikes"].cpu().numpy().astype(np.int64)),
@@ -1568,7 +1569,6 @@ def evaluate_reach(cfg, data, rates_hat, gen, v_req_trials):
     for row, (a, b) in rows.items():
         res.update({f"{row}/{k}": val for k, val in compare(a, b).items()})
     return res, run
-
 
 
 # -----------------------------------------------------------------------------
@@ -1739,7 +1739,7 @@ def reach_figures(fig_dir, data, run, gen):
         g = gen["angle"]
         fig = Figure(figsize=(10, 4.6))
         panels = ((trajectory(data["velocity"][te]), data["angle"][te], "real held-out reaches"),
-                  (trajectory(decode_velocity(g["rates"].cpu().numpy(), *run["dec"])), g["theta"].cpu().numpy(),
+                  (trajectory(run["v_dec_angle"]), g["theta"].cpu().numpy(),
                    "decoded, angle-conditioned samples"))
         for i, (p, angle, title) in enumerate(panels):
             ax = fig.add_subplot(1, 2, i + 1)
@@ -1758,7 +1758,7 @@ def reach_figures(fig_dir, data, run, gen):
     if "velocity" in gen:
         n = min(6, len(run["v_req_trials"]))
         v_req = data["velocity"][run["v_req_trials"][:n]]
-        v_dec = decode_velocity(gen["velocity"]["rates"][:n].cpu().numpy(), *run["dec"])
+        v_dec = run["v_dec_velocity"][:n]
         fig = Figure(figsize=(10, 4.6))
         ax = fig.add_subplot(1, 2, 1)
         for i, (pr, pd) in enumerate(zip(trajectory(v_req), trajectory(v_dec))):
@@ -1771,7 +1771,6 @@ def reach_figures(fig_dir, data, run, gen):
             ax.plot(np.hypot(*v_dec[i]), color=f"C{i}", lw=1, ls="--")
         ax.set(title="speed: requested vs decoded", xlabel="time bin", ylabel="speed (m/s)")
         save_figure(fig, os.path.join(fig_dir, "7_reach_velocity.png"))
-
 
 
 # -----------------------------------------------------------------------------
