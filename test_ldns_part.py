@@ -1,13 +1,10 @@
-"""Temporary part of test_minimal.py (ldns); merged back into test_minimal.py by the lead."""
-import ast
-import copy
-import dataclasses
-import importlib
+"""Temporary part of test_minimal.py (ldns); merged back into test_minimal.py by the lead.
+LDNS: oracles and identities of the core (S4 discretisation and convolution, HiPPO, blocks, AE loss, DDPM, sampler,
+EMA, lr schedule and training loop, simulators, evaluation statistics), of Part II (spike-history GLM, variable
+length, reach conditioning), the LDNS-specific flag and data checks, and one tiny end-to-end run per demo."""
 import json
 import math
 import os
-import stat
-import subprocess
 import sys
 
 import numpy as np
@@ -16,692 +13,521 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MODEL_FILES = ["ldns_minimal.py", "gnocchi_minimal.py", "spikegan_minimal.py"]
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-import gnocchi_minimal as gn  # noqa: E402
 import ldns_minimal as ldns  # noqa: E402
-import spikegan_minimal as sg  # noqa: E402
 
-MODULES = {"ldns_minimal.py": ldns, "gnocchi_minimal.py": gn, "spikegan_minimal.py": sg}
-# a --quick run of each file's default demo, fixed threads (float sums must run in the same order in both runs)
-QUICK = {"ldns_minimal.py": ["--quick", "--threads", "1", "--seed", "3"],
-         "gnocchi_minimal.py": ["--quick", "--threads", "1"],
-         "spikegan_minimal.py": ["--quick", "--threads", "1"]}
-# flags that make the first training stage diverge (a non-finite loss)
-DIVERGE = {"ldns_minimal.py": ["--ae-lr", "1e12"], "gnocchi_minimal.py": ["--lr", "1e12"],
-           "spikegan_minimal.py": ["--lr", "1e12"]}
+TINY = ["--quick", "--threads", "1", "--ae-steps", "5", "--dn-steps", "5", "--sample-steps", "3"]
+GOOD = np.random.default_rng(0).poisson(0.3, (12, 8, 32))
+IN = lambda a, eps=1e-5: (a - a.mean(-1, True)) / (a.var(-1, unbiased=False, keepdim=True) + eps).sqrt()  # noqa: E731
 
+@torch.no_grad()
+def _perturbed(model, scale=0.1):                              # non-zero adaLN etc., so every path acts
+    return [p.add_(scale * torch.randn(p.shape)) for p in model.parameters()] and model
 
-def run_cli(args, cwd, timeout=300):
-    """Run `python <args>` in cwd with the repo on PYTHONPATH; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONDONTWRITEBYTECODE="1", MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def _rows(a):                                                  # (K,c,T) -> (K*T, c), written out in the test
+    return np.concatenate([a[k].T for k in range(len(a))])
 
+def test_ldns_s4_bilinear_discretisation_of_scalar_systems_by_hand():
+    s4 = ldns.S4D(1, 2)
+    for dt, a, b, A_bar, B_bar in [(0.5, -2 + 0j, 3 - 1j, 1 / 3, (3 - 1j) / 3),   # (1 - 1/2)/(1 + 1/2), 0.5 b/1.5
+                                   (1.0, 2j, 1 + 0j, 1j, (1 + 1j) / 2),           # (1 + i)/(1 - i) = i, b/(1 - i)
+                                   (1e-2, -0.5 + 3j, 1 + 0j, np.exp((-0.5 + 3j) * 1e-2), None)]:  # exp(a dt) + O(dt^3)
+        with torch.no_grad():
+            s4.log_dt.fill_(math.log(dt)), s4.log_A_real.fill_(math.log(-a.real) if a.real else -40.0)
+            s4.A_imag.fill_(a.imag), s4.B.copy_(torch.tensor([[[b.real, b.imag]]]))
+        got = [complex(v.item()) for v in s4.discretise()]
+        assert abs(got[0] - A_bar) < 1e-6 + abs(a * dt) ** 3 / 12 and (B_bar is None or abs(got[1] - B_bar) < 1e-6)
 
-
-# =====================================================================================================================
-# LDNS
-# =====================================================================================================================
-LDNS_TINY = QUICK["ldns_minimal.py"]
-
-
-def _s4(bidirectional, H=3, d_state=8, L=20):
-    torch.manual_seed(0)
-    s4 = ldns.S4D(H, d_state, bidirectional)
-    with torch.no_grad():
-        s4.log_dt.fill_(np.log(0.05))                          # a visible impulse response within L steps
-    return s4, torch.randn(2, H, L)
-
-
-def test_ldns_s4_fft_equals_causal_conv_and_recurrence():
-    s4, u = _s4(bidirectional=False)
-    L = u.shape[-1]
-    with torch.no_grad():
-        y_fft = s4(u)
-        K = s4.kernel(L)[0]                                    # (H,L)
-        y_conv = torch.stack([sum(K[:, s] * u[..., t - s] for s in range(t + 1)) for t in range(L)], -1)
-        y_conv = y_conv + s4.D[:, None] * u
-        A_bar, B_bar = s4.discretise()                         # (H,n) each
-        C = torch.view_as_complex(s4.C)[0]
-        x, ys = torch.zeros(2, *A_bar.shape, dtype=torch.complex64), []
-        for t in range(L):                                     # x_t = A_bar x_{t-1} + B_bar u_t; y = 2 Re(C x) + D u
-            x = A_bar * x + B_bar * u[..., t, None]
-            ys.append(2 * (C * x).sum(-1).real + s4.D * u[..., t])
-        y_rec = torch.stack(ys, -1)
-    assert torch.allclose(y_fft, y_conv, atol=1e-4), (y_fft - y_conv).abs().max()
-    assert torch.allclose(y_fft, y_rec, atol=1e-4), (y_fft - y_rec).abs().max()
-
-
-def test_ldns_s4_bidirectional_equals_explicit_two_sided_conv():
-    s4, u = _s4(bidirectional=True)
-    L = u.shape[-1]
-    with torch.no_grad():
-        Kf, Kb = s4.kernel(L)
-        y = torch.stack([sum(Kf[:, s] * u[..., t - s] for s in range(t + 1))
-                         + sum((Kb[:, mm - 1] * u[..., t + mm] for mm in range(1, L - t)), torch.zeros(2, 3))
-                         for t in range(L)], -1) + s4.D[:, None] * u
-        assert torch.allclose(s4(u), y, atol=1e-4)
-
-
-def test_ldns_s4_kernel_of_length_2L_starts_with_kernel_of_length_L():
-    s4, _ = _s4(bidirectional=True, H=4, d_state=16)
-    with torch.no_grad():
-        assert torch.allclose(s4.kernel(64)[..., :32], s4.kernel(32), atol=1e-5)
-
+def test_ldns_s4_fft_equals_brute_force_convolution_recurrence_and_init():
+    """Both sides built in the test from the parameters (own bilinear discretisation, numpy, float64)."""
+    for bi in (False, True):
+        torch.manual_seed(0)
+        s4, u, L = ldns.S4D(3, 8, bi), torch.randn(2, 3, 20), 20
+        with torch.no_grad():
+            s4.log_dt.fill_(np.log(0.05))                      # a visible impulse response within 20 steps
+        p = {k: v.detach().double().numpy() for k, v in s4.named_parameters()}
+        dt, A = np.exp(p["log_dt"])[:, None], -np.exp(p["log_A_real"]) + 1j * p["A_imag"]
+        A_bar, B_bar = (1 + dt * A / 2) / (1 - dt * A / 2), dt * (p["B"] @ [1, 1j]) / (1 - dt * A / 2)
+        C, D, un, zero = p["C"] @ [1, 1j], p["D"], u.double().numpy(), np.zeros((2, 3))
+        K = np.stack([2 * (C * B_bar * A_bar ** l).sum(-1).real for l in range(L)], -1)  # (ch,H,L)
+        fwd = np.stack([sum(K[0][:, s] * un[..., t - s] for s in range(t + 1)) + D * un[..., t] for t in range(L)], -1)
+        bwd = np.stack([sum((K[-1][:, m - 1] * un[..., t + m] for m in range(1, L - t)), zero) for t in range(L)], -1)
+        assert np.allclose(s4(u).detach(), fwd + bi * bwd, atol=1e-4) and np.allclose(s4.kernel(L).detach(), K, 0, 1e-5)
+        assert torch.allclose(s4.kernel(2 * L)[..., :L], s4.kernel(L), atol=1e-5)
+    x, ys = np.zeros((2, *A_bar.shape), complex), []
+    for t in range(L):                                         # x_t = A_bar x_{t-1} + B_bar u_t, y = 2 Re(C x) + D u
+        x = A_bar * x + B_bar * un[..., t, None]
+        ys.append(2 * (C[0] * x).sum(-1).real + D * un[..., t])
+    log_dt = ldns.S4D(20000, 2).log_dt.detach().numpy()        # init: dt ~ LogUniform[1e-3, 1e-1]
+    assert np.allclose(np.quantile(log_dt, [0, 0.5, 1]), [math.log(1e-3), math.log(1e-2), math.log(0.1)], atol=0.05)
+    assert np.allclose(np.stack(ys, -1), fwd) and ldns.S4D(3, 8).C.shape[0] == 2  # bidirectional by default
 
 def test_ldns_hippo_legs_eigenvalues_against_an_independent_solver():
-    N = 64
+    N, s4 = 64, ldns.S4D(5, 64)
     w, B = ldns.hippo_legs(N)
-    # the normal part of HiPPO-LegS written out entry by entry: S_nk = -1/2 on the diagonal,
-    # -sqrt((2n+1)(2k+1))/2 below it, +sqrt((2n+1)(2k+1))/2 above it; general (non-Hermitian) eigen-solver
+    # the normal part of HiPPO-LegS entry by entry: -1/2 on the diagonal, -+sqrt((2n+1)(2k+1))/2 below / above
     S = np.array([[-0.5 if n == k else np.sign(k - n) * np.sqrt((2 * n + 1) * (2 * k + 1)) / 2 for k in range(N)]
                   for n in range(N)])
     lam = np.linalg.eigvals(S)
-    assert np.allclose(lam.real, -0.5, atol=1e-6)
-    assert np.allclose(np.sort(w), np.sort(lam.imag[lam.imag > 0]), rtol=1e-6, atol=1e-6)
-    assert w.shape == (N // 2,) and np.abs(B.imag).max() <= 2
-    s4 = ldns.S4D(5, N)
-    assert torch.allclose(-s4.log_A_real.exp(), torch.full((5, N // 2), -0.5))
-    dt = s4.log_dt.exp()
-    assert (dt >= 1e-3).all() and (dt <= 1e-1).all()
+    assert np.allclose(lam.real, -0.5, atol=1e-6) and np.allclose(np.sort(w), np.sort(lam.imag[lam.imag > 0]))
+    V = np.linalg.eig(S)[1][:, [np.argmin(abs(lam - (-0.5 + 1j * wk))) for wk in w]]  # B = V^H sqrt(2k+1), |.| only
+    ok = abs(B.imag) < 2                                       # the imaginary part is clipped to [-2, 2]
+    assert np.allclose(abs(B[ok]), abs(V.conj().T @ np.sqrt(2 * np.arange(N) + 1))[ok]) and B.imag.min() == -2
+    assert ldns.S4D(3).A_imag.shape == (3, 32) and w.shape == B.shape == (N // 2,) and np.abs(B.imag).max() == 2
+    assert torch.equal(s4.A_imag[3], torch.tensor(w, dtype=torch.float32)) and torch.allclose(-s4.log_A_real.exp(),
+                                                                                             torch.tensor(-0.5))
 
+def test_ldns_blocks_autoencoder_and_denoiser_wiring():
+    torch.manual_seed(0)
+    h, e, blk, dblk = torch.randn(2, 8, 10), torch.randn(2, 2), _perturbed(ldns.AEBlock(8, 4)), _perturbed(
+        ldns.DenoiserBlock(8, 4))
+    assert torch.allclose(ldns.instance_norm(h * 1e-3), IN(h * 1e-3), atol=1e-5) and blk.s4.bidirectional
+    sh1, sc1, _, sh2, sc2, _ = blk.ada[0, :, 0].reshape(6, 8, 1)
+    h1 = h + blk.post_tm_scale(F.gelu(blk.s4(IN(h) * (1 + sc1) + sh1)))
+    assert torch.allclose(blk(h), h1 + blk.mlp(IN(h1) * (1 + sc2) + sh2), atol=1e-5)
+    for conv in (blk.mlp[0], dblk.mlp[0]):                     # Conv1x1 = the 1x1 convolution, with or without bias
+        assert torch.allclose(conv(h), F.conv1d(h, conv.weight, conv.bias), atol=1e-5)
+    sh1, sc1, g1, sh2, sc2, g2 = (F.gelu(e) @ dblk.ada.weight.T + dblk.ada.bias).reshape(2, 6, 8, 1).unbind(1)
+    h1 = h + g1 * F.gelu(dblk.s4(IN(h) * (1 + sc1) + sh1))
+    assert torch.allclose(dblk(h, e), h1 + g2 * dblk.mlp(IN(h1) * (1 + sc2) + sh2), atol=1e-5)
+    ae, x = _perturbed(ldns.AutoEncoder(6, 8, 2, 2, 4)), torch.poisson(torch.rand(2, 6, 10) * 2)
+    z = ae.bottleneck(ae.blocks[1](ae.blocks[0](ae.conv_in(x))))
+    rates, z2 = ae(x)
+    assert torch.allclose(z, z2, atol=1e-5) and torch.equal(rates, F.softplus(ae.decoder[2](F.gelu(ae.decoder[0](z2)))))
+    dn, t, f = _perturbed(ldns.Denoiser(2, 8, 1, 4)), torch.tensor([0, 7]), 10000 ** (-torch.arange(128) / 128.0)
+    emb = torch.cat([torch.cos(t[:, None] * f), torch.sin(t[:, None] * f)], -1)  # sinusoidal embedding of the raw t
+    sh, sc = (dn.ada_out(F.gelu(dn.t_mlp(emb)))[..., None]).chunk(2, 1)
+    assert torch.allclose(ldns.timestep_embedding(t), emb, atol=1e-5) and dn.conv_in.groups == 2
+    assert torch.allclose(dn(z, t), dn.conv_out(dn.blocks[0](dn.conv_in(z), dn.t_mlp(emb)) * (1 + sc) + sh), atol=1e-5)
+    assert ldns.Denoiser(4, 4, 1, 4).conv_in.groups == ldns.Denoiser(3, 8, 1, 4).conv_in.groups == 1  # grouped if d | C
 
-def test_ldns_q_sample_closed_form():
-    ddpm = ldns.DDPM(1000)
-    x0, eps, t = torch.randn(4, 3, 5), torch.randn(4, 3, 5), torch.tensor([0, 10, 500, 999])
+class _StubAE(torch.nn.Module):                                # records its input; rates 0.7 (0 in bin 0), z = (c+1) t
+    def forward(self, x):
+        self.seen, T = x, x.shape[2]
+        return torch.full(x.shape, 0.7) * (torch.arange(T) > 0), torch.arange(T) * torch.tensor([[1.0], [2.0]])
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_ldns_ae_loss_with_a_stub_autoencoder_by_hand(masked):
+    cfg, ae, x = ldns.Config(mask_p=0.25, beta_lat=0.1, beta_td=0.2), _StubAE(), torch.poisson(torch.rand(3, 4, 8) * 3)
+    m = ldns.valid_mask(torch.tensor([8, 2, 5]), 8)
+    torch.manual_seed(5)
+    loss = ldns.masked_ae_loss(ae, x, cfg, m) if masked else ldns.ae_loss(ae, x, cfg)
+    torch.manual_seed(5)
+    M, total = (torch.rand(x.shape) >= 0.25).float(), 0.0
+    assert torch.equal(ae.seen, x * M / 0.75) and 0.6 < M.mean() < 0.9
+    for b, n, t in np.ndindex(3, 4, 8):                        # Poisson NLL r - k log(r + 1e-8) + Stirling for k > 1
+        k, w, r = x[b, n, t].item(), (1 - M[b, n, t].item()) * (m[b, 0, t].item() if masked else 1), 0.7 * (t > 0)
+        stirling = k * math.log(k) - k + math.log(2 * math.pi * k) / 2 if k > 1 else 0
+        total += w * (r - k * math.log(r + 1e-8) + stirling)
+    z2 = sum(((c + 1) * t) ** 2 for c in range(2) for t in range(8))        # sum z^2 and the TD penalty (K = 5)
+    td = sum((c + 1) ** 2 * i ** 2 * (8 - i) / (1 + i) for c in range(2) for i in range(1, 6))
+    assert math.isclose(loss.item(), total / 96 + (0.1 * z2 + 0.2 * td) / 96, rel_tol=1e-5)
+
+def test_ldns_ddpm_closed_forms_and_algorithm_1():
+    ddpm, x0, eps, seen = ldns.DDPM(1000), torch.randn(6, 2, 7), torch.randn(6, 2, 7), {}
     beta = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    ab = torch.tensor([float(torch.prod(1 - beta[:k + 1])) for k in t])[:, None, None].float()
-    assert torch.allclose(ddpm.q_sample(x0, t, eps), ab.sqrt() * x0 + (1 - ab).sqrt() * eps, atol=1e-5)
-
-
-def test_ldns_eps_form_posterior_mean_equals_x0_form_with_true_noise():
-    ddpm = ldns.DDPM(1000)
-    x0, eps = torch.randn(6, 2, 7), torch.randn(6, 2, 7)
-    for t, t_prev in [(500, 499), (1, 0), (999, 949)]:        # plain and respaced steps
-        ab, ab_prev = ddpm.alpha_bar[t], ddpm.alpha_bar[t_prev]
+    for t, t_prev in [(500, 499), (1, 0), (999, 949), (300, 299)]:   # plain and respaced steps
+        ab, ab_prev = [float(torch.prod(1 - beta[:k + 1])) for k in (t, t_prev)]
         xt = ddpm.q_sample(x0, torch.full((6,), t), eps)
-        mean, var = ddpm.p_step(xt, eps, ab, ab_prev, eta=1.0)
-        assert torch.allclose(mean, ddpm.q_posterior_mean(x0, xt, ab, ab_prev), atol=1e-4)
-        beta = 1 - ab / ab_prev
-        assert torch.allclose(var, (1 - ab_prev) / (1 - ab) * beta)  # beta_tilde ("fixed_small")
-    # Ho et al. Eq. 11 for a plain step: mean = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)
-    t = 300
-    xt = ddpm.q_sample(x0, torch.full((6,), t), eps)
-    mean, _ = ddpm.p_step(xt, eps, ddpm.alpha_bar[t], ddpm.alpha_bar[t - 1], 1.0)
-    b = ddpm.beta[t]
-    assert torch.allclose(mean, (xt - b / (1 - ddpm.alpha_bar[t]).sqrt() * eps) / (1 - b).sqrt(), atol=1e-4)
-
-
-def test_ldns_respaced_schedule():
+        mean, var = ddpm.p_step(xt, eps, ddpm.alpha_bar[t], ddpm.alpha_bar[t_prev], 1.0)
+        var_eta = ddpm.p_step(xt, eps, ddpm.alpha_bar[t], ddpm.alpha_bar[t_prev], 0.5)[1]
+        b = 1 - ab / ab_prev                                   # Eq. 7 in x0-form, beta_t of the (respaced) step
+        post = math.sqrt(ab_prev) * b / (1 - ab) * x0 + math.sqrt(1 - b) * (1 - ab_prev) / (1 - ab) * xt
+        assert torch.allclose(xt, math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps, atol=1e-5)
+        assert torch.allclose(mean, post, atol=1e-4) and torch.allclose(var_eta * 4, var) and math.isclose(
+            var.item(), (1 - ab_prev) / (1 - ab) * b, rel_tol=1e-4 if t > 1 else 0.02)  # float32 abar near 1
     for n in (1000, 200):
-        ddpm = ldns.DDPM(n)
-        ts, ab = ddpm.respaced(50)
-        assert len(ts) == 50 and ts[0] == 0 and ts[-1] == n - 1
-        assert ab[-1] < 1e-3 and (ab[1:] < ab[:-1]).all()      # ends near alpha_bar = 0, decreasing
-        ts, ab = ddpm.respaced(n)
-        assert torch.equal(ts, torch.arange(n)) and torch.equal(ab, ddpm.alpha_bar)
+        ts, ab = ldns.DDPM(n).respaced(50)
+        assert ts.tolist() == [round(i * (n - 1) / 49) for i in range(50)] and torch.allclose(ab, torch.cumprod(
+            1 - torch.linspace(1e-4 * 1000 / n, 0.02 * 1000 / n, n, dtype=torch.float64), 0)[ts].float())
+    torch.manual_seed(2)
+    loss = ddpm.loss(lambda xt, t, c: seen.update(xt=xt, t=t, c=c) or xt * 0.5, x0, c="cond")
+    torch.manual_seed(2)
+    t, eps = torch.randint(0, 1000, (6,)), torch.randn(x0.shape)
+    ab = ddpm.alpha_bar[t][:, None, None]
+    assert torch.equal(seen["t"], t) and seen["c"] == "cond" and torch.allclose(seen["xt"], ab.sqrt() * x0
+                                                                                  + (1 - ab).sqrt() * eps)
+    assert math.isclose(loss.item(), ((seen["xt"] * 0.5 - eps) ** 2).mean().item(), rel_tol=1e-6)
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ldns_sampler_with_the_exact_eps_reproduces_gaussian_data(eta):
+    """Data N(0, s^2): the exact eps-predictor E[eps | x_t] = sqrt(1-abar) x_t / (abar s^2 + 1 - abar); 1000 steps of
+    the ancestral sampler (eta 1) or DDIM (eta 0) give samples of variance s^2. One known x0: every DDIM step stays
+    on the path sqrt(abar_t) x0 + sqrt(1 - abar_t) eps_T, and both samplers end on x0."""
+    ddpm, seen, x0 = ldns.DDPM(1000), [], torch.tensor(0.7)
+    ab = lambda t: ddpm.alpha_bar[t][:, None, None]  # noqa: E731
+    for s in (0.5, 2.0):
+        torch.manual_seed(1)
+        x = ddpm.sample(lambda x, t: (1 - ab(t)).sqrt() * x / (ab(t) * s ** 2 + 1 - ab(t)), (20000, 1, 1), 1000, eta)
+        assert abs(x.var().item() / s ** 2 - 1) < 0.04 and abs(x.mean().item()) < 0.03 * s, (s, x.var())
+    out = ddpm.sample(lambda x, t: seen.append((x, t)) or (x - ab(t).sqrt() * x0) / (1 - ab(t)).sqrt(), (20000, 1, 1),
+                      5, eta)
+    eps = (seen[0][0] - ab(seen[0][1]).sqrt() * x0) / (1 - ab(seen[0][1])).sqrt()
+    assert torch.allclose(out, x0.expand(out.shape), atol=1e-3) and [t[0].item() for _, t in seen] == [999, 749, 500,
+                                                                                                     250, 0]
+    for x, t in seen:                                          # every step: the marginal q(x_t | x0)
+        assert abs(x.mean() - ab(t)[0].sqrt() * x0) < 0.03 and abs(x.var() / (1 - ab(t)[0]) - 1) < 0.05
+    assert eta or all(torch.allclose(x, ab(t).sqrt() * x0 + (1 - ab(t)).sqrt() * eps, atol=1e-4) for x, t in seen)
 
-def test_ldns_sampler_with_oracle_eps_recovers_x0():
-    """Deterministic DDIM driven by the exact noise of a single known x0 lands on x0."""
-    ddpm, x0 = ldns.DDPM(1000), torch.randn(1, 2, 8)
-
-    def oracle(x, t):
-        ab = ddpm.alpha_bar[t][:, None, None]
-        return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-    assert torch.allclose(ddpm.sample(oracle, (1, 2, 8), 20, eta=0.0), x0, atol=1e-3)
-
-
-def test_ldns_masked_poisson_nll_counts_only_masked_entries():
+def test_ldns_ema_lr_schedule_and_training_loop(monkeypatch):
+    lin, e, log, seen = torch.nn.Linear(1, 1), 1.0, [], []
+    lin.register_buffer("b", torch.zeros(1))
+    ema = ldns.EMA(lin)
+    for k in range(1, 8):                                      # decay_k = min(0.9999, 1 - k^(-2/3)); decay_1 = 0
+        with torch.no_grad():
+            lin.weight.fill_(float(k ** 2)), lin.b.fill_(float(k))
+        ema.update(lin)
+        e = e if k == 1 else min(0.9999, 1 - k ** (-2 / 3)) * e + (1 - min(0.9999, 1 - k ** (-2 / 3))) * k ** 2
+    assert math.isclose(ema.model.weight.item(), e, rel_tol=1e-6) and ema.model.b.item() == 7.0
+    assert [ldns.warmup_cosine(k, 100) for k in (0, 1, 4)] == [0.0, 0.2, 0.8] and ldns.warmup_cosine(1, 10) == 1.0
+    for k in (5, 50, 99):                                      # cosine with the horizon at 130 steps
+        assert math.isclose(ldns.warmup_cosine(k, 100), 0.5 * (1 + math.cos(math.pi * (k - 5) / 125)))
+    monkeypatch.setattr(ldns, "Progress", lambda name, total: lambda step, **v: log.append((v["lr"], v["loss"])))
+    w, w_ref, ema = torch.nn.Parameter(torch.tensor([3.0])), torch.nn.Parameter(torch.tensor([3.0])), ldns.EMA(lin)
     torch.manual_seed(0)
-    x = torch.poisson(torch.rand(2, 5, 9) * 2)
-    M = (torch.rand(x.shape) > 0.3).float()                   # 1 = kept, 0 = dropped
-    rates = torch.rand(x.shape) + 0.1
-    loss = ldns.masked_poisson_nll(rates, x, M)
-    rates2 = torch.where(M.bool(), rates * 7.0, rates)         # change only kept entries
-    assert torch.allclose(loss, ldns.masked_poisson_nll(rates2, x, M))
-    full = torch.nn.functional.poisson_nll_loss(rates, x, log_input=False, full=True, reduction="none")
-    assert torch.allclose(loss, (full * (1 - M)).sum() / x.numel())
+    ldns.train_loop(torch.nn.ParameterList([w]), lambda idx: seen.append(idx.tolist()) or (idx.float().mean() + 1) * w
+                    ** 2, 6, steps=6, batch=3, lr=0.1, clip=1.0, name="t", ema=ema)
+    assert [len(b) for b in seen] == [3] * 6 and all(len(set(seen[i] + seen[i + 1])) == 6 for i in (0, 2, 4))
+    assert [lr for lr, _ in log] == pytest.approx([0.1 * ldns.warmup_cosine(k, 6) for k in range(6)]) and ema.k == 6
+    opt = torch.optim.AdamW([w_ref], lr=0.1, weight_decay=0.01)   # the same steps, written out
+    for k, idx in enumerate(seen):
+        opt.param_groups[0]["lr"] = 0.1 * ldns.warmup_cosine(k, 6)
+        opt.zero_grad()
+        ((torch.tensor(idx).float().mean() + 1) * w_ref ** 2).backward()
+        torch.nn.utils.clip_grad_norm_([w_ref], 1.0), opt.step()
+    assert math.isclose(w.item(), w_ref.item(), rel_tol=1e-6) and math.isclose(log[0][1], (np.mean(seen[0]) + 1) * 9,
+                                                                               rel_tol=1e-6)
+    with pytest.raises(FloatingPointError, match="at step 1"):
+        ldns.train_loop(lin, lambda idx: torch.tensor(float("nan"), requires_grad=True), 6, steps=2, batch=3, lr=0.1,
+                        clip=1.0, name="t")
 
+def test_ldns_lorenz_data_recipe_vector_field_readout_and_refractory_dip():
+    d, rng = ldns.simulate_lorenz(20, 64, 16, np.random.default_rng(0)), np.random.default_rng(0)
+    rng.standard_normal((16, 3))                               # the readout, then ICs = dysts default + 2 N(0, I)
+    traj = ldns.lorenz_rk4(ldns.LORENZ_IC + 2 * rng.standard_normal((20, 3)), 164, 1.5008 * 164 / 100 / 163)[:, 100:]
+    assert np.allclose(d["latents"], ((traj - traj.mean(1, keepdims=True)) / traj.std(1, keepdims=True)).transpose(
+        0, 2, 1), atol=1e-5)                                   # dysts: 100 samples per period 1.5008, 100 burn-in
+    u = np.log(np.expm1(2 * d["rates"].astype(np.float64))) / 2 - np.log(0.3)   # rates = softplus_2(C x + log 0.3)
+    C = np.linalg.lstsq(_rows(d["latents"]).astype(np.float64), _rows(u), rcond=None)[0]  # (3, N)
+    assert np.abs(_rows(d["latents"]) @ C - _rows(u)).max() < 1e-4 and np.allclose(np.linalg.norm(C, axis=0), 1)
+    assert (np.diff(C[0]) >= 0).all() and 0.05 < d["spikes"].mean() < 0.4 and d["spikes"].dtype.kind == "i"
+    x = ldns.lorenz_rk4(np.array([[1.0, 2.0, 20.0]]), 201, 1e-3)[0]  # central differences = the Lorenz vector field
+    f = np.stack([10 * (x[:, 1] - x[:, 0]), x[:, 0] * (28 - x[:, 2]) - x[:, 1], x[:, 0] * x[:, 1] - 2.667 * x[:, 2]], 1)
+    assert np.abs((x[2:] - x[:-2]) / 2e-3 - f[1:-1]).max() < 1e-2 * np.abs(f).max() and x[0].tolist() == [1, 2, 20]
+    err = [np.abs(ldns.lorenz_rk4(x[:1], 2, 0.1, n_sub=k) - ldns.lorenz_rk4(x[:1], 2, 0.1, n_sub=512)).max() for k in
+           (8, 16)]
+    assert 12 < err[0] / err[1] < 20                           # fourth order: halving the step divides the error by 16
+    r = ldns.simulate_lorenz(100, 64, 32, np.random.default_rng(0), ldns.refractory_poisson)
+    assert np.array_equal(r["rates"], ldns.simulate_lorenz(100, 64, 32, np.random.default_rng(0))["rates"])
+    assert ldns.lag_ratios(r["spikes"], 2)[0] <= 0.5 < ldns.lag_ratios(d["spikes"], 2)[0]
 
-def test_ldns_ae_and_denoiser_run_at_T_and_4T():
-    torch.manual_seed(0)
-    ae, dn = ldns.AutoEncoder(12, 16, 4, 1, 16), ldns.Denoiser(4, 16, 1, 16)
-    for T in (32, 128):
-        rates, z = ae(torch.poisson(torch.rand(2, 12, T)))
-        assert rates.shape == (2, 12, T) and z.shape == (2, 4, T) and (rates >= 0).all()
-        eps = dn(torch.randn(2, 4, T), torch.tensor([0, 999]))
-        assert eps.shape == (2, 4, T) and torch.isfinite(eps).all()
+def test_ldns_normalisation_and_sampling_helpers():
+    z = torch.randn(6, 3, 16) * 4 + 1
+    z[0, 0, 0] = 100.0                                         # an outlier: clamped at 5 sigma
+    (mu, sigma, zn), flat = ldns.normalise_latents(z), z.permute(1, 0, 2).reshape(3, -1)  # (d,K,T) -> (d, K T)
+    assert torch.allclose(mu[0, :, 0], flat.mean(1)) and torch.allclose(sigma[0, :, 0], flat.std(1, unbiased=True))
+    assert zn[0, 0, 0] == 5 and torch.allclose(zn[1:], ((z[1:] - mu) / sigma).clamp(-5, 5))
 
+    class StubDDPM:                                            # returns the condition it was given, as latents
+        def sample(self, model, shape, K, eta, m):
+            assert (K, eta) == (7, 0.5)
+            return m.expand(shape) + 0.0
+    m, cfg, ae = torch.arange(5.0)[:, None, None].expand(5, 1, 4), ldns.Config(d_latent=2, sample_steps=7, eta=0.5), \
+        ldns.AutoEncoder(3, 4, 2, 1, 4)
+    assert torch.equal(ldns.sample_latents(cfg, StubDDPM(), 0, 1.0, 3.0, 5, 4, chunk=2, m=m), 3 * m.expand(5, 2, 4) + 1)
+    with torch.no_grad():
+        ae.decoder[2].weight.zero_(), ae.decoder[2].bias.fill_(math.log(math.e ** 2.0 - 1))  # rates = 2 everywhere
+    out = ldns.sample_trials(cfg, StubDDPM(), None, ae, 0.0, 1.0, 4000, 4, m=torch.ones(4000, 1, 4))
+    assert torch.allclose(out["rates"], torch.full((4000, 3, 4), 2.0)) and abs(out["spikes"].mean() - 2) < 0.05
+    assert abs(out["spikes"].var() - 2) < 0.1 and out["z"].shape == (4000, 2, 4)  # Poisson(2)
 
-def test_ldns_lorenz_data_recipe_and_refractory_dip():
-    d = ldns.make_lorenz_data(20, 64, 16, np.random.default_rng(0))
-    assert d["spikes"].shape == (20, 16, 64) and d["latents"].shape == (20, 3, 64)
-    assert np.allclose(d["latents"].mean(-1), 0, atol=1e-5) and np.allclose(d["latents"].std(-1), 1, atol=1e-4)
-    assert 0.05 < d["spikes"].mean() < 0.4 and d["spikes"].dtype.kind == "i"
-    r = ldns.make_lorenz_data(100, 64, 32, np.random.default_rng(0), refractory=True)
-    assert np.array_equal(r["rates"], ldns.make_lorenz_data(100, 64, 32, np.random.default_rng(0))["rates"])
-    assert ldns.lag_ratios(r["spikes"], 2)[0] <= 0.5 < ldns.lag_ratios(d["spikes"], 2)[0]  # the issue's data bar
-
-
-def test_ldns_isi_stats_and_lag_ratios_small_examples():
-    s = np.zeros((1, 1, 10), dtype=np.int64)
-    s[0, 0, [1, 4]] = 1
-    s[0, 0, 7] = 2                                             # spikes at 1.5, 4.5, 7+1/3, 7+2/3
-    mean, std = ldns.isi_stats(s)
+def test_ldns_isi_lag_ratios_group_acg_by_hand():
+    s = np.zeros((2, 2, 10), dtype=np.int64)
+    s[0, 0, [1, 4]], s[0, 0, 7], s[1, 1, 3] = 1, 2, 3          # spikes at 1.5, 4.5, 7+1/3, 7+2/3; 3 in one bin
     isi = np.diff([1.5, 4.5, 7 + 1 / 3, 7 + 2 / 3])
-    assert np.isclose(mean[0], isi.mean()) and np.isclose(std[0], isi.std())
+    assert np.allclose(ldns.isi_stats(s), [[isi.mean(), 0.25], [isi.std(), 0.0]])
     s = np.zeros((1, 1, 8), dtype=np.int64)
     s[0, 0, [0, 2, 4, 6]] = 1                                  # period 2: never at lag 1, always at lag 2
     assert np.allclose(ldns.lag_ratios(s, 2), [0.0, (3 / 3) / 0.5])
-    poisson = np.random.default_rng(0).poisson(0.2, (400, 5, 64))
-    assert np.allclose(ldns.lag_ratios(poisson, 3), 1.0, atol=0.05)  # no temporal structure: ratio 1
+    s, groups, acg = np.random.default_rng(0).poisson(0.8, (3, 4, 9)).astype(float), [[0, 2], [1, 3]], np.zeros((2, 3))
+    rho = [sum(s[k, n, t] * s[k, n, t + l] for k, n, t in np.ndindex(3, 4, 9 - l)) /
+           sum(s[:, n].mean() * s[k, n, t] for k, n, t in np.ndindex(3, 4, 9 - l)) for l in (1, 2, 3)]
+    assert np.allclose(ldns.lag_ratios(s, 3), rho)
+    for g, l, k, i in np.ndindex(2, 3, 3, 2):                  # per trial and neuron: mean removed, sum x_t x_t+l / T
+        xx = s[k, groups[g][i]] - s[k, groups[g][i]].mean()
+        acg[g, l] += (xx[:9 - l - 1] * xx[l + 1:]).sum() / 9 / (3 * 2)
+    assert np.allclose(ldns.group_acg(s, [np.array(g) for g in groups], 3), acg)
+    corr = np.eye(4) + np.array([[0, -.8, .9, 0], [-.8, 0, 0, np.nan], [.9, 0, 0, .5], [0, np.nan, .5, 0]])
+    res, rho_sh = ldns.autocorrelogram_metrics(s, s[::-1].copy(), s * 0 + 1, corr, 3), ldns.lag_ratios(s * 0 + 1, 3)
+    assert math.isclose(res["acg/data/lag2_ratio"], rho[1]) and math.isclose(res["acg/ldns_sh/lag1_rel_error"], abs(
+        rho_sh[0] - rho[0]) / rho[0]) and res["acg/ldns/lag_ratio"] == ldns.lag_ratios(s[::-1].copy(), 3).tolist()
+    assert res["acg/data/group_acg"] == ldns.group_acg(s, [[0], [2], [1], [3]], 3).tolist()  # groups by sum_j c_ij^2
 
+def test_ldns_spike_stats_kde_compare_and_latent_r2_by_hand():
+    rng = np.random.default_rng(1)
+    a, b = rng.poisson(0.6, (5, 4, 7)), rng.poisson(0.9, (6, 4, 7))
+    st_a, st_b = ldns.spike_stats(a), ldns.spike_stats(b)
+    assert np.array_equal(st_a["psc"], [a[k, :, t].sum() for k in range(5) for t in range(7)])
+    assert np.allclose(st_a["corr"], np.corrcoef(a.transpose(1, 0, 2).reshape(4, -1)))
+    assert np.allclose(st_a["rate"], [a[:, n].mean() for n in range(4)])
+    x, grid = np.array([0, 0, 1, 3, 5]), np.arange(7)
+    dens = np.array([sum(math.exp(-0.5 * ((g - xi) / (np.std(x, ddof=1) * 5 ** -0.2)) ** 2) for xi in x) for g in grid])
+    assert np.allclose(ldns.kde_on_grid(x, grid), dens / dens.sum())  # Scott's bandwidth std n^(-1/5)
+    out, g = ldns.compare(st_a, st_b), np.arange(max(st_a["psc"].max(), st_b["psc"].max()) + 1)
+    p, q = ldns.kde_on_grid(st_a["psc"], g), ldns.kde_on_grid(st_b["psc"], g)
+    assert math.isclose(out["kl_psc"], sum(pi * math.log(max(pi, 1e-12) / max(qi, 1e-12)) for pi, qi in zip(p, q)))
+    il = [(i, j) for i in range(4) for j in range(i)]
+    ca, cb = [st_a["corr"][i, j] for i, j in il], [st_b["corr"][i, j] for i, j in il]
+    assert math.isclose(out["r_corr"], np.corrcoef(ca, cb)[0, 1])
+    assert math.isclose(out["r_psc"], np.corrcoef(p, q)[0, 1])
+    assert math.isclose(out["rmse_corr"], math.sqrt(np.mean((np.array(ca) - cb) ** 2)))
+    for k in ("rate", "mean_isi", "std_isi"):
+        assert math.isclose(out[f"r_{k}"], np.corrcoef(st_a[k], st_b[k])[0, 1]) and math.isclose(
+            out[f"rmse_{k}"], math.sqrt(np.mean((st_a[k] - st_b[k]) ** 2)))
+    assert np.isfinite(ldns.compare(ldns.spike_stats(a[:, :3]), ldns.spike_stats(b[:, :3]))["r_corr"])  # 3 pairs: a r
+    assert math.isnan(ldns.compare(ldns.spike_stats(a[:, :2]), ldns.spike_stats(b[:, :2]))["r_rate"])  # 2: none
+    far = ldns.spike_stats(a + 30 * (np.arange(7) == 0))       # counts far beyond the data's: its KDE is floored
+    p, q = ldns.kde_on_grid(far["psc"], np.arange(far["psc"].max() + 1)), ldns.kde_on_grid(st_b["psc"], np.arange(
+        far["psc"].max() + 1))
+    assert math.isclose(ldns.compare(far, st_b)["kl_psc"], sum(pi * math.log(max(pi, 1e-12) / max(qi, 1e-12))
+                                                               for pi, qi in zip(p, q)))
+    lengths = np.array([7, 3, 5, 7, 2])
+    st = ldns.spike_stats(a * (np.arange(7) < lengths[:, None, None]), lengths)  # valid bins only
+    valid = np.concatenate([a[k][:, :l] for k, l in enumerate(lengths)], 1)     # (N, sum l)
+    assert np.allclose(st["corr"], np.corrcoef(valid)) and np.allclose(st["rate"], valid.mean(1))
+    assert len(st["psc"]) == 24
+    rows, st_r, _ = ldns.comparison_rows(b, a, b + 1)          # the halves: real[:3] vs real[3:]
+    assert rows["real_vs_real/kl_psc"] == ldns.compare(ldns.spike_stats(b[:3]), ldns.spike_stats(b[3:]))["kl_psc"]
+    assert rows["gen_vs_real_half/kl_psc"] == ldns.compare(ldns.spike_stats(a[:3]), ldns.spike_stats(b[3:]))["kl_psc"]
+    assert rows["ae_vs_real/kl_psc"] == ldns.compare(ldns.spike_stats(b + 1), st_r)["kl_psc"]
+    Z, E = rng.standard_normal((200, 3)), rng.standard_normal((200, 2))
+    X = Z @ rng.standard_normal((3, 2)) + 0.5 + 0.3 * E        # R^2 of the affine fit, held-out half, by hand
+    W = np.linalg.lstsq(np.c_[Z[:100], np.ones(100)], X[:100], rcond=None)[0]
+    r2 = 1 - ((X[100:] - np.c_[Z[100:], np.ones(100)] @ W) ** 2).sum() / ((X[100:] - X[100:].mean(0)) ** 2).sum()
+    assert math.isclose(ldns.latent_r2(Z[:100], X[:100], Z[100:], X[100:]), r2) and 0.5 < r2 < 0.99
 
-# --- spike-history observation model --------------------------------------------------------------------------------
 def test_ldns_spike_history_glm_refits_known_weights():
-    """Oracle: spikes simulated from a GLM with known weights; the fit recovers them. 3 neurons x 60,000 fitted bins
-    each give standard errors of about 0.02-0.05 for these weights, so 0.15 is a >3-sigma tolerance."""
+    """Spikes from a GLM with known weights; the fit recovers them (3 neurons x 60,000 bins: standard errors about
+    0.02-0.05, so 0.15 is a >3-sigma tolerance)."""
     torch.manual_seed(0)
-    N, H = 3, 4
-    true = ldns.SpikeHistoryGLM(N, H)
+    true, cfg = ldns.SpikeHistoryGLM(3, 4), ldns.Config()
     with torch.no_grad():
-        true.w.copy_(torch.tensor([[-2.0, -1.0, -0.3, 0.0, 1.0, 0.0],
-                                   [-1.0, 0.0, 0.0, 0.0, 0.8, 0.3],
+        true.w.copy_(torch.tensor([[-2.0, -1.0, -0.3, 0.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 0.0, 0.8, 0.3],
                                    [-3.0, -1.5, -0.5, -0.2, 1.2, -0.2]]))
-    t = torch.arange(104, dtype=torch.float32)
-    lam = 0.3 * torch.exp(torch.sin(t / 8 + torch.rand(600, N, 1) * 6))  # smooth positive rates (600, N, 104)
-    s = true.sample(lam, cap=5)
-    cfg = ldns.Config(sh_bins=H, sh_epochs=400, sh_trials=600)
-    fit = ldns.fit_spike_history(cfg, s, lam)
-    err = (fit.w - true.w).abs().max().item()
-    assert err < 0.15, (err, fit.w)
+    lam = 0.3 * torch.exp(torch.sin(torch.arange(104.0) / 8 + torch.rand(600, 3, 1) * 6))  # (600, 3, 104)
+    vars(cfg).update(sh_bins=4, sh_epochs=400, sh_trials=600, sh_lr=0.1, sh_cap=5)
+    assert (ldns.fit_spike_history(cfg, true.sample(lam, cap=5), lam).w - true.w).abs().max().item() < 0.15
 
-
-def test_ldns_spike_history_rate_is_causal():
+def test_ldns_spike_history_design_fit_and_sampler_by_hand():
     torch.manual_seed(0)
-    glm, H = ldns.SpikeHistoryGLM(4, 5), 5
-    s, log_lam = torch.poisson(torch.rand(2, 4, 30)), torch.randn(2, 4, 30)
-    r = glm(glm.design(s, log_lam)).reshape(4, 2, -1)          # (N, B(T-H)) -> (N, B, T-H): bins H..T-1
-    for j in (H, 12, 29):                                      # change the spikes of bin j and later
-        s2 = s.clone()
-        s2[..., j:] += 3
-        r2 = glm(glm.design(s2, log_lam)).reshape(4, 2, -1)
-        assert torch.equal(r[..., :j + 1 - H], r2[..., :j + 1 - H])   # bins <= j do not see it
-        assert j == 29 or not torch.equal(r[..., j + 1 - H:], r2[..., j + 1 - H:])
+    glm, H, s, log_lam = ldns.SpikeHistoryGLM(2, 3), 3, torch.poisson(torch.rand(2, 2, 9) * 2), torch.randn(2, 2, 9)
+    X = glm.design(s, log_lam)                                 # (N, B(T-H), H+2)
+    for n, b, t in np.ndindex(2, 2, 6):                        # row of bin H + t: s_{t-1..t-H}, log lambda_t, 1
+        row = [s[b, n, H + t - k].item() for k in range(1, H + 1)] + [log_lam[b, n, H + t].item(), 1.0]
+        assert torch.allclose(X[n, b * 6 + t], torch.tensor(row))
+    assert torch.allclose(glm(X), F.softplus((X * glm.w[:, None]).sum(-1)))
+    cfg, s, lam = ldns.Config(), torch.poisson(torch.rand(5, 3, 12) * 2), torch.rand(5, 3, 12) + 0.1
+    vars(cfg).update(sh_bins=2, sh_epochs=3, sh_trials=4, sh_lr=0.1, sh_cap=1)
+    torch.manual_seed(1)
+    fit = ldns.fit_spike_history(cfg, s, lam)                  # the official recipe, written out: N(0,1) init, capped
+    torch.manual_seed(1)                                       # targets of 4 trials, full-batch AdamW(0.1, wd 0.01)
+    w, y = torch.nn.Parameter(torch.randn(3, 4)), s[:4, :, 2:].clamp(max=1).permute(1, 0, 2).reshape(3, -1)  # (N, M)
+    X, opt = ldns.SpikeHistoryGLM(3, 2).design(s[:4].clamp(max=1), lam[:4].log()), torch.optim.AdamW([w], 0.1,
+                                                                                                      weight_decay=0.01)
+    for _ in range(3):
+        opt.zero_grad(), F.poisson_nll_loss(F.softplus((X * w[:, None]).sum(-1)), y, False).backward(), opt.step()
+    assert torch.allclose(fit.w, w, atol=1e-6)
+    with torch.no_grad():                                      # neuron 0: bias 40, a spike silences the next bin
+        glm.w.copy_(torch.tensor([[-50.0, 0.0, 0.0, 1.0, 40.0], [0.0, 0.0, -50.0, 2.0, 0.0]]))
+    out = glm.sample(torch.full((4000, 2, 6), 2.0), cap=3)     # neuron 1: softplus(2 log 2) = log 5, silent at t+3
+    capped = sum(min(k, 3) * math.exp(-math.log(5)) * math.log(5) ** k / math.factorial(k) for k in range(40))
+    assert (out[:, 0, 0::2] == 3).all() and (out[:, 0, 1::2] == 0).all() and (out[:, 1, 3][out[:, 1, 0] > 0] == 0).all()
+    assert abs(out[:, 1, :3].mean() - capped) < 0.05 and glm.sample(torch.full((9, 2, 3), 1e-30)).max() <= 5
 
-
-def test_ldns_spike_history_sampler_starts_from_zero_history_and_honours_the_cap():
-    glm = ldns.SpikeHistoryGLM(3, 6)
-    with torch.no_grad():
-        glm.w.zero_()
-        glm.w[:, :6] = 10.0                                    # strongly self-exciting history
-        glm.w[:, 6] = 1.0                                      # gain on log lambda, bias 0
-    quiet = glm.sample(torch.full((50, 3, 40), 1e-7), cap=5)
-    assert quiet.sum() == 0                                    # zero history and a tiny rate: never a first spike
-    with torch.no_grad():
-        glm.w[:, 7] = 50.0                                     # bias 50: softplus(...) >= 50 spikes expected per bin
-    busy = glm.sample(torch.full((50, 3, 40), 1.0), cap=5)
-    assert (busy == 5).all()                                   # every count is capped at 5
-
-
-@pytest.fixture(scope="module")
-def ldns_refractory_quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("refractory") / "run"
-    return ldns.main(["--demo", "lorenz-refractory", *LDNS_TINY, "--out", str(out)]), out
-
-
-def test_ldns_refractory_quick_writes_history_outputs(ldns_refractory_quick):
-    res, out = ldns_refractory_quick
-    for key in ("acg/data/lag1_ratio", "acg/ldns/lag1_ratio", "acg/ldns_sh/lag2_rel_error", "plain_vs_real/r_rate",
-                "gen_vs_real/r_std_isi"):
-        assert key in res, key
-    assert (out / "figures" / "6_autocorrelograms.png").exists()
-    with np.load(out / "samples.npz") as z:
-        assert z["generated"].shape == z["generated_plain"].shape and z["generated"].max() <= 5
-    assert json.loads((out / "metrics.json").read_text())["acg/data/lag1_ratio"] == res["acg/data/lag1_ratio"]
-
-
-@pytest.mark.parametrize("argv", [["--spike-history", "maybe"], ["--sh-bins", "0"], ["--sh-epochs", "-3"],
-                                  ["--sh-cap", "0"], ["--sh-bins", "200", "--spike-history"]])
-def test_ldns_bad_spike_history_flags_exit_2(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        ldns.main(argv)
-    assert e.value.code == 2 and "--s" in capsys.readouterr().err
-
-
-# --- variable-length trials (--demo lorenz-varlen) -----------------------------------------------------------------
-def _small_ae(causal, seed=0):
-    torch.manual_seed(seed)
-    return ldns.AutoEncoder(8, 16, 4, 2, 8, bidirectional=not causal).double().eval()
-
-
-def test_ldns_varlen_causal_autoencoder_outputs_ignore_later_inputs():
-    """Changing inputs after bin t changes no AE output (latents, rates) at or before t; the bidirectional AE does
-    change them, so the test can fail."""
-    g = torch.Generator().manual_seed(1)
+def test_ldns_varlen_causal_autoencoder_ignores_later_inputs():
+    g, t = torch.Generator().manual_seed(1), 17
     x = torch.poisson(torch.rand((3, 8, 40), generator=g, dtype=torch.float64) * 2)
-    t = 17
-    x2 = x.clone()
-    x2[..., t + 1:] = torch.poisson(torch.rand((3, 8, 40 - t - 1), generator=g, dtype=torch.float64) * 5)
-    for causal in (True, False):
-        ae = _small_ae(causal)
+    x2 = torch.cat([x[..., :t + 1], torch.poisson(torch.rand((3, 8, 22), generator=g, dtype=torch.float64) * 5)], -1)
+    for AE in (ldns.CausalAutoEncoder, ldns.AutoEncoder):      # the bidirectional AE does see them
+        torch.manual_seed(0)
+        ae = _perturbed(AE(8, 16, 4, 2, 8)).double().eval()
         with torch.no_grad():
             (r1, z1), (r2, z2) = ae(x), ae(x2)
-        dz = (z1[..., :t + 1] - z2[..., :t + 1]).abs().max().item()
-        dr = (r1[..., :t + 1] - r2[..., :t + 1]).abs().max().item()
-        if causal:
-            assert dz < 1e-10 and dr < 1e-10
-            assert (z1[..., t + 1:] - z2[..., t + 1:]).abs().max().item() > 1e-3  # later outputs do react
-        else:
-            assert dz > 1e-3
+        early = max((z1 - z2)[..., :t + 1].abs().max(), (r1 - r2)[..., :t + 1].abs().max()).item()
+        assert (early < 1e-10) == (AE is ldns.CausalAutoEncoder) and (z1 - z2)[..., t + 1:].abs().max() > 1e-3
+    h = torch.randn(2, 3, 25, dtype=torch.float64)             # causal norm: the statistics of bins <= t
+    assert all(torch.allclose(ldns.causal_instance_norm(h)[..., t], IN(h[..., :t + 1])[..., -1]) for t in (0, 7, 24))
+    assert list(ae.state_dict()) == list(ldns.CausalAutoEncoder(8, 16, 4, 2, 8).state_dict())
 
-
-def test_ldns_varlen_default_autoencoder_is_bidirectional_with_instance_norm():
-    ae = ldns.AutoEncoder(8, 16, 4, 2, 8)
-    assert all(b.norm is ldns.instance_norm and b.s4.bidirectional for b in ae.blocks)
-    causal = ldns.AutoEncoder(8, 16, 4, 2, 8, bidirectional=False)
-    assert all(b.norm is ldns.causal_instance_norm and not b.s4.bidirectional for b in causal.blocks)
-    assert list(ae.state_dict()) == list(causal.state_dict())
-
-
-def test_ldns_varlen_causal_instance_norm_matches_prefix_statistics():
-    h = torch.randn(2, 3, 25, dtype=torch.float64)
-    out = ldns.causal_instance_norm(h)
-    for t in (1, 7, 24):
-        ref = F.instance_norm(h[..., :t + 1], eps=1e-5)[..., -1]  # normalised with bins <= t
-        assert torch.allclose(out[..., t], ref, atol=1e-10)
-
-
-def test_ldns_varlen_masked_instance_norm_uses_valid_bins_and_zeroes_padding():
-    h = torch.randn(3, 4, 30, dtype=torch.float64)
-    lengths = torch.tensor([30, 11, 20])
-    m = ldns.centre_mask(lengths, 30).double()
-    out = ldns.instance_norm(h, m)
-    left = (30 - lengths) // 2
-    for i, l in enumerate(lengths.tolist()):
-        seg = slice(int(left[i]), int(left[i]) + l)
-        assert torch.allclose(out[i, :, seg], F.instance_norm(h[i:i + 1, :, seg], eps=1e-5)[0], atol=1e-10)
-    assert (out * (1 - m) == 0).all()
-    assert torch.equal(ldns.instance_norm(h), F.instance_norm(h, eps=1e-5))  # no mask: unchanged
-
-
-def test_ldns_varlen_masked_poisson_nll_ignores_padded_bins():
-    torch.manual_seed(0)
-    B, N, T = 4, 6, 30
-    lengths = torch.tensor([30, 12, 5, 21])
-    m = ldns.end_mask(lengths, T)
-    x = torch.poisson(torch.rand(B, N, T) * 2) * m
-    M = (torch.rand(B, N, T) > 0.2).float()
-    rates = torch.rand(B, N, T) + 0.1
-    x2 = x + 7 * (1 - m)                                       # other values in the padding
-    rates2 = rates + 3 * (1 - m)
-    assert torch.equal(ldns.masked_poisson_nll(rates, x, M, m), ldns.masked_poisson_nll(rates2, x2, M, m))
-    assert not torch.equal(ldns.masked_poisson_nll(rates, x, M), ldns.masked_poisson_nll(rates2, x2, M))
-    ones = torch.ones(B, 1, T)
-    assert torch.equal(ldns.masked_poisson_nll(rates, x, M, ones), ldns.masked_poisson_nll(rates, x, M))
-
-
-def test_ldns_varlen_ae_reconstruction_loss_ignores_padding_inputs():
-    """causal AE + padding mask: the reconstruction term does not see what the padding holds."""
-    ae = _small_ae(True).float()
-    lengths = torch.tensor([40, 15, 28])
-    m = ldns.end_mask(lengths, 40)
-    x = torch.poisson(torch.rand(3, 8, 40) * 2) * m
-    x2 = x + torch.poisson(torch.full_like(x, 3.0)) * (1 - m)
-    M = (torch.rand(3, 8, 40) > 0.2).float()
-    with torch.no_grad():
-        a = ldns.masked_poisson_nll(ae(x * M / 0.8)[0], x, M, m)
-        b = ldns.masked_poisson_nll(ae(x2 * M / 0.8)[0], x2, M, m)
-    assert abs(a.item() - b.item()) < 1e-6
-
-
-def test_ldns_varlen_masked_diffusion_loss_and_denoiser_ignore_padded_bins():
-    """The mask-channel denoiser's output on valid bins and the masked eps-loss do not change when the latents in
-    the padding change; without the mask the loss does see the padding."""
-    torch.manual_seed(0)
-    dn = ldns.Denoiser(4, 16, 2, 8, d_extra=1, mask_norm=True).eval()
-    for p in dn.parameters():                                  # non-zero adaLN so the blocks act
-        p.data += 0.1 * torch.randn(p.shape)
-    ddpm = ldns.DDPM(1000)
-    lengths = torch.tensor([30, 12, 7])
-    zc, mc = ldns.centre_pad(torch.randn(3, 4, 30), lengths)
-    zc2 = zc + 5 * torch.randn(zc.shape) * (1 - mc)
-    t = torch.tensor([10, 500, 990])
-    with torch.no_grad():
-        e1, e2 = dn(zc, t, extra=mc), dn(zc2, t, extra=mc)
-    assert ((e1 - e2) * mc).abs().max().item() < 1e-5
-    assert ((e1 - e2) * (1 - mc)).abs().max().item() > 1e-3
-    losses = []
-    for x0 in (zc, zc2):
-        torch.manual_seed(3)
-        with torch.no_grad():
-            losses.append(ddpm.loss(dn, x0, mask=mc, extra=mc).item())
-    assert abs(losses[0] - losses[1]) < 1e-6
-    torch.manual_seed(3)
-    with torch.no_grad():
-        assert abs(ddpm.loss(dn, zc2, extra=mc).item() - losses[1]) > 1e-3
-
-
-def test_ldns_varlen_denoiser_defaults_unchanged_and_mask_channel_is_dropped():
-    torch.manual_seed(0)
-    a = ldns.Denoiser(8, 64, 2, 16)
-    assert a.conv_in.groups == 8 and not a.mask_norm
-    dn = ldns.Denoiser(8, 64, 2, 16, d_extra=1, mask_norm=True)
-    assert dn.conv_in.groups == 1 and dn.conv_in.in_channels == 9 and dn.conv_out.out_channels == 9
-    assert list(a.state_dict()) == list(dn.state_dict())
-    out = dn(torch.randn(2, 8, 20), torch.tensor([3, 900]), extra=ldns.centre_mask(torch.tensor([20, 9]), 20))
-    assert out.shape == (2, 8, 20)
-
-
-def test_ldns_varlen_masked_latent_stats_use_valid_bins_only():
-    torch.manual_seed(0)
-    lengths = torch.tensor([20, 5, 13, 1])
-    m = ldns.end_mask(lengths, 20)
-    z = torch.randn(4, 3, 20, dtype=torch.float64) + 100 * (1 - m)  # padding far off
-    mu, sd = ldns.masked_latent_stats(z, m)
+def test_ldns_varlen_data_masks_moments_centre_pad_and_crop():
+    T, lengths = 17, torch.tensor([17, 16, 1, 8, 9, 2])
+    m, mc = ldns.valid_mask(lengths, T), ldns.valid_mask(lengths, T, centred=True)
+    z = torch.randn(6, 3, T, dtype=torch.float64) * m + 100 * (1 - m)  # padding far off
+    mu, var = ldns.masked_moments(z, m, (0, 2))
     valid = np.concatenate([z[i, :, :l].numpy() for i, l in enumerate(lengths.tolist())], axis=1)  # (3, sum l)
-    assert np.allclose(mu[0, :, 0].numpy(), valid.mean(1))
-    assert np.allclose(sd[0, :, 0].numpy(), valid.std(1))
-
-
-def test_ldns_varlen_latents_for_diffusion_fixed_length_is_the_lorenz_recipe():
-    z = torch.randn(6, 3, 16) * 4
-    mu, sigma, zn, m = ldns.latents_for_diffusion(z)
-    assert m is None and torch.equal(zn, ((z - mu) / sigma).clamp(-5, 5))
-    lengths = torch.tensor([16, 4, 9, 12, 2, 7])
-    mu, sigma, zn, m = ldns.latents_for_diffusion(z * ldns.end_mask(lengths, 16), lengths)
-    assert torch.equal(m, ldns.centre_mask(lengths, 16))
-    assert torch.allclose(ldns.masked_latent_stats(ldns.crop_centred(zn, lengths), ldns.end_mask(lengths, 16))[1],
-                          torch.ones(1, 3, 1), atol=1e-5)     # unit std on the valid bins
-
-
-def test_ldns_varlen_centre_pad_and_crop_are_inverse():
-    torch.manual_seed(0)
-    T = 17
-    lengths = torch.tensor([17, 16, 1, 8, 9, 2])
-    m = ldns.end_mask(lengths, T)
-    z = torch.randn(6, 3, T) * m
-    zc, mc = ldns.centre_pad(z, lengths)
-    assert torch.equal(mc.sum((1, 2)).long(), lengths)
-    left = (T - lengths) // 2
+    assert np.allclose(mu[0, :, 0], valid.mean(1)) and np.allclose(var[0, :, 0], valid.var(1))
+    zc, mc2 = ldns.centre_pad(z * m, lengths)
+    assert torch.equal(mc, mc2) and torch.equal(ldns.crop_centred(zc, lengths), z * m)  # crop o pad = identity
     for i, l in enumerate(lengths.tolist()):
-        assert torch.equal(mc[i, 0].nonzero()[:, 0], torch.arange(left[i], left[i] + l))
-        assert torch.equal(zc[i, :, left[i]:left[i] + l], z[i, :, :l])
-        assert (zc[i, :, :left[i]] == z[i, :, :1]).all() and (zc[i, :, left[i] + l:] == z[i, :, l - 1:l]).all()
-    assert torch.equal(ldns.crop_centred(zc, lengths), z)      # crop o pad = identity on end-padded trials
-    x = torch.randn(6, 3, T)
-    assert torch.equal(ldns.centre_pad(ldns.crop_centred(x, lengths), lengths)[0] * mc, x * mc)  # pad o crop on mask
+        left = (T - l) // 2
+        assert m[i, 0].nonzero().ravel().tolist() == list(range(l)) and mc[i, 0].nonzero().ravel().tolist() == list(
+            range(left, left + l)) and torch.equal(zc[i, :, left:left + l], z[i, :, :l])
+        assert (zc[i, :, :left] == z[i, :, :1]).all() and (zc[i, :, left + l:] == z[i, :, l - 1:l]).all()
+    d = ldns.make_varlen_data(ldns.parse_args(["--demo", "lorenz-varlen", "--quick"]))
+    assert d["lengths"].min() >= 10 and d["lengths"].max() <= 32 and all(
+        d["spikes"][k, :, l:].sum() == 0 and d["rates"][k, :, l - 1].min() > 0 for k, l in enumerate(d["lengths"]))
 
-
-def test_ldns_varlen_generated_trials_have_the_requested_lengths():
+def test_ldns_varlen_masked_denoiser_loss_and_sampling_at_lengths():
     torch.manual_seed(0)
-    ae = ldns.AutoEncoder(6, 8, 2, 1, 8, bidirectional=False).eval()
-    dn = ldns.Denoiser(2, 8, 1, 8, d_extra=1, mask_norm=True).eval()
+    dn, ddpm, lengths = _perturbed(ldns.MaskedDenoiser(4, 16, 2, 8)).eval(), ldns.DDPM(), torch.tensor([30, 12, 7])
+    zc, mc = ldns.centre_pad(torch.randn(3, 4, 30), lengths)
+    zc2, t, ones, losses = zc + 5 * torch.randn(zc.shape) * (1 - mc), torch.tensor([10, 500, 990]), mc * 0 + 1, []
+    with torch.no_grad():
+        e1, e2 = dn(zc, t, m=mc), dn(zc2, t, m=mc)
+        assert ((e1 - e2) * mc).abs().max() < 1e-5 and ((e1 - e2) * (1 - mc)).abs().max() > 1e-3
+        assert torch.allclose(dn(zc, t, m=ones), dn.backbone(torch.cat([zc, ones], 1), dn.t_mlp(
+            ldns.timestep_embedding(t))), atol=1e-5)           # with nothing padded: the plain instance norm
+        for x0 in (zc, zc2, zc):
+            torch.manual_seed(3)
+            losses.append(ldns.masked_diffusion_loss(ddpm, dn, x0, mc))
+        torch.manual_seed(3)
+        eps_hat, eps = ddpm.predict_noise(dn, zc, m=mc)
+        assert abs(losses[0] - losses[1]) < 1e-6 and torch.allclose(losses[2], (mc * (eps_hat - eps) ** 2).sum() / 196)
+    ae, dn = ldns.CausalAutoEncoder(6, 8, 2, 1, 8).eval(), ldns.MaskedDenoiser(2, 8, 1, 8).eval()
     lengths = torch.tensor([3, 10, 24, 17])
-    cfg = ldns.Config(d_latent=2, sample_steps=5)
-    out = ldns.sample_at_lengths(cfg, ldns.DDPM(1000), dn, ae, torch.zeros(1, 2, 1), torch.ones(1, 2, 1), lengths, 24)
-    z, rates, s = out["z"], out["rates"], out["spikes"]
-    assert z.shape == (4, 2, 24) and s.shape == (4, 6, 24)
-    valid = ldns.end_mask(lengths, 24)
-    assert (rates * (1 - valid) == 0).all() and (s * (1 - valid) == 0).all()
-    assert torch.equal(ldns.support_length(rates), lengths)
-    left = (24 - lengths) // 2
-    with torch.no_grad():
-        full = ae.decode(z)                                    # the whole centred window
-    for i, l in enumerate(lengths.tolist()):
-        assert torch.equal(rates[i, :, :l], full[i, :, left[i]:left[i] + l])
+    out = ldns.sample_at_lengths(ldns.Config(d_latent=2, sample_steps=5), ddpm, dn, ae, torch.zeros(1, 2, 1),
+                                 torch.ones(1, 2, 1), lengths, 24)
+    valid, left = ldns.valid_mask(lengths, 24), (24 - lengths) // 2
+    assert (out["rates"] * (1 - valid) == 0).all() and (out["spikes"] * (1 - valid) == 0).all()
+    assert torch.equal(out["lengths_generated"], lengths) and ldns.length_buckets(48, 160, 3) == [(48, 85), (86, 122),
+                                                                                                 (123, 160)]
+    with torch.no_grad():                                      # the decoded centred window, cropped
+        assert all(torch.equal(out["rates"][i, :, :l], ae.decode(out["z"])[i, :, left[i]:left[i] + l])
+                   for i, l in enumerate(lengths))
+    assert dn.conv_in.in_channels == dn.conv_out.out_channels == 3 and not ldns.CausalAEBlock(4, 4).s4.bidirectional
 
-
-def test_ldns_varlen_masked_spike_stats_equal_spike_stats_at_full_length():
-    s = np.random.default_rng(0).poisson(0.4, (7, 5, 30))
-    a, b = ldns.masked_spike_stats(s, np.full(7, 30)), ldns.spike_stats(s)
-    for k in a:
-        assert np.allclose(a[k], b[k], equal_nan=True)
-    short = ldns.masked_spike_stats(s * (np.arange(30) < 12), np.full(7, 12))
-    assert np.allclose(short["rate"], s[..., :12].mean((0, 2)))
-    assert len(short["psc"]) == 7 * 12
-
-
-def test_ldns_varlen_length_buckets_cover_the_range():
-    bk = ldns.length_buckets(48, 160, 3)
-    assert bk[0][0] == 48 and bk[-1][1] == 160
-    assert all(b[0] == a[1] + 1 for a, b in zip(bk[:-1], bk[1:]))
-
-
-@pytest.mark.parametrize("argv", [
-    ["--demo", "lorenz-varlen", "--len-min", "500"],
-    ["--demo", "lorenz-varlen", "--len-min", "1"],
-    ["--demo", "lorenz-varlen", "--len-min", "-4"],
-    ["--demo", "lorenz-varlen", "--len-min", "150", "--n-buckets", "20"],
-    ["--demo", "lorenz-varlen", "--n-buckets", "0"],
-    ["--demo", "lorenz-varlen", "--ae-causal", "0"],
-    ["--demo", "lorenz-varlen", "--data", "x.npz"],
-    ["--demo", "lorenz-varlen", "--spike-history"],
-    ["--demo", "lorenz", "--len-min", "40"],
-])
-def test_ldns_varlen_bad_length_settings_exit_with_status_2(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        ldns.parse_args(argv)
-    assert e.value.code == 2
-    assert "--" in capsys.readouterr().err
-
-
-def test_ldns_varlen_len_min_default_follows_the_window():
-    assert ldns.parse_args(["--demo", "lorenz-varlen"]).len_min == 48
-    assert ldns.parse_args(["--demo", "lorenz-varlen", "--quick"]).len_min == 10
-    assert ldns.parse_args([]).len_min == 0 and not ldns.parse_args([]).ae_causal
-
-
-def test_ldns_varlen_quick_varlen_end_to_end(tmp_path):
-    out = str(tmp_path / "run")
-    res = ldns.main(["--demo", "lorenz-varlen", "--quick", "--threads", "1", "--out", out])
-    for f in ("config.json", "metrics.json", "timing.json", "samples.npz", "ae.pt", "denoiser.pt",
-              "figures/1_data.png", "figures/2_ae_fit.png", "figures/5_stats.png", "figures/6_varlen.png"):
-        assert os.path.exists(os.path.join(out, f)), f
-    with np.load(os.path.join(out, "samples.npz")) as f:
-        assert list(f.files)[:2] == ["real", "generated"]
-        assert set(f.files) == {"real", "generated", "lengths_real", "lengths_generated"}
-        T = f["generated"].shape[-1]
-        assert len(f["lengths_generated"]) == len(f["generated"]) and len(f["lengths_real"]) == len(f["real"])
-        assert (f["generated"] * (np.arange(T) >= f["lengths_generated"][:, None, None])).sum() == 0
-        assert (f["real"] * (np.arange(T) >= f["lengths_real"][:, None, None])).sum() == 0
-    with open(os.path.join(out, "metrics.json")) as f:
-        saved = json.load(f)
-    assert saved == json.loads(json.dumps(res))
-    assert res["lengths/n_wrong_length"] == 0
-    buckets = ldns.length_buckets(10, 32, 3)
-    for lo, hi in buckets:
-        for k in ("r_rate", "r_corr", "r_mean_isi", "r_std_isi", "r_psc"):
-            assert f"len_{lo}-{hi}/gen_vs_real/{k}" in res and f"len_{lo}-{hi}/real_vs_real/{k}" in res
-    assert sum(res[f"len_{lo}-{hi}/n_generated"] for lo, hi in buckets) == res["data/n_generated"]
-
-
-# --- conditional generation on the synthetic reaching task (--demo reach) -------------------------------------------
-def test_ldns_reach_data_angle_and_minimum_jerk_profile():
-    """The angle condition read at any bin inside every reach is the generating angle (straight reaches); the
-    minimum-jerk speed integrates to the reach distance and is zero before onset."""
-    T = 128
-    d = ldns.make_reach_data(40, T, 16, np.random.default_rng(0))
-    lo, hi = ldns.reach_angle_bins(T)
-    for b in (lo, hi):
+def test_ldns_reach_data_tuning_minimum_jerk_and_angle_error():
+    T, d = 128, ldns.simulate_reach(40, 128, 64, np.random.default_rng(0))
+    assert ldns.reach_angle_bins(T) == (39, 57)                # floor(0.3 T) + 1, ceil(0.45 T) - 1
+    for b in ldns.reach_angle_bins(T):                         # inside every reach: the generating angle
         c = ldns.reach_condition(torch.tensor(d["velocity"]), b).numpy()
-        np.testing.assert_allclose(np.arctan2(c[:, 1], c[:, 0]), d["angle"], atol=1e-5)
-    speed = np.hypot(*d["velocity"].transpose(1, 0, 2))        # (K,T)
-    dist = speed.sum(1) * ldns.REACH_BIN_S
-    assert ((dist > ldns.REACH_DISTANCE[0] - 1e-3) & (dist < ldns.REACH_DISTANCE[1] + 1e-3)).all()
-    assert (speed[:, :int(ldns.REACH_ONSET[0] * T)] == 0).all()
-    assert d["spikes"].shape == (40, 16, T) and d["spikes"].dtype == np.int64
+        assert np.allclose(np.arctan2(c[:, 1], c[:, 0]), d["angle"], atol=1e-5)
+    speed = np.hypot(*d["velocity"].transpose(1, 0, 2))        # (K,T); its integral is the reach distance
+    assert ((speed.sum(1) / 100 > 0.08 - 1e-3) & (speed.sum(1) / 100 < 0.12 + 1e-3)).all() and speed[:, -19:].max() == 0
+    assert speed[:, :19].max() == 0 and np.allclose(speed.max(1) / (speed.sum(1) / 100), 1.875 / (speed > 0).sum(1)
+                                                    * 100, rtol=0.1)  # min-jerk peak speed: 15/8 distance/duration
+    reg = np.concatenate([_rows(d["velocity"]), _rows(d["shared"]), np.ones((40 * T, 1))], 1)  # log-rates: linear
+    coef = np.linalg.lstsq(reg, _rows(np.log(d["rates"])), rcond=None)[0]                       # in v and x
+    assert np.abs(reg @ coef - _rows(np.log(d["rates"]))).max() < 1e-3 and np.allclose(np.angle(np.exp(1j * (
+        np.arctan2(coef[1], coef[0]) - d["pref_dir"]))), 0, atol=1e-3)  # cosine tuning: the preferred directions
+    hz = np.exp(coef[-1]) / 0.01                               # baselines U[10, 30] Hz; rotation amplitude U[0.5, 1.5]
+    assert 10 < hz.min() < 13 and 27 < hz.max() < 30 and 0.5 < np.hypot(*d["shared"][:, :2].transpose(1, 0, 2)).min()
+    step = np.angle(np.exp(1j * np.diff(np.arctan2(d["shared"][:, 1], d["shared"][:, 0]), axis=1)))  # 2 pi f dt
+    assert 2 * np.pi * 1.5 * 0.01 - 1e-4 < step.min() and step.max() < 2 * np.pi * 2.5 * 0.01 + 1e-4  # f 1.5-2.5 Hz
+    assert np.ptp(d["pref_dir"]) > 5 and 0.3 < coef[2:5].std() < 0.5  # directions U[-pi, pi), w ~ N(0, 0.4^2)
+    g = d["shared"][:, 2]                                      # squared-exponential GP, 15 bins: unit variance
+    amplitude = np.hypot(*d["shared"][:, :2].transpose(1, 0, 2))
+    assert abs(g.var() - 1) < 0.2 and abs((g[:, :-45] * g[:, 45:]).mean()) < 0.35 and amplitude.max() < 1.5
+    v = np.ones((2, 2, 3)) * np.array([[1, -1], [0, 1]])[..., None]  # directions -45 and 90 degrees
+    assert np.allclose(ldns.angular_error_deg(v, np.radians([170.0, 10.0])), [145.0, 80.0])
+    assert np.allclose(ldns.trajectory(v)[0, 0], [0.01, 0.02, 0.03])
 
-
-def _angle_denoiser():
+def test_ldns_reach_conditional_denoisers():
+    """adaLN-Zero: before training two angles give identical outputs, after one step they differ. The velocity
+    model's two extra output channels get no gradient and do not change the loss."""
     torch.manual_seed(0)
-    return ldns.Denoiser(4, 16, 1, 8, d_cond=2)
-
-
-def test_ldns_reach_untrained_conditional_denoiser_ignores_c_then_uses_it_after_one_step():
-    """adaLN-Zero: before training the angle embedding reaches the output only through zero-initialised layers,
-    so two angles give identical outputs; after one optimiser step they differ (conditioning reaches the output)."""
-    dn, ddpm = _angle_denoiser(), ldns.DDPM()
-    z, t = torch.randn(2, 4, 24), torch.tensor([500, 500])
-    c1 = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    c2 = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    dn, ddpm, z, t = ldns.ConditionalDenoiser(4, 16, 1, 8, 2), ldns.DDPM(), torch.randn(2, 4, 24), torch.tensor([5, 9])
+    c1, c2, opt = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 1.0], [-1.0, 0.0]]), torch.optim.AdamW(
+        dn.parameters(), lr=1e-2)
+    assert torch.equal(dn(z, t, c=c1), dn(z, t, c=c2))
+    ddpm.loss(dn, torch.randn(8, 4, 24), c=torch.randn(8, 2)).backward(), opt.step()
+    assert (dn(z, t, c=c1) - dn(z, t, c=c2)).abs().max() > 1e-6  # e = e_t + e_c
+    assert torch.allclose(dn(z, t, c=c2), dn.backbone(z, dn.t_mlp(ldns.timestep_embedding(t)) + dn.c_mlp(c2)))
+    vdn, x0, v = _perturbed(ldns.VelocityDenoiser(4, 16, 1, 8)), torch.randn(2, 4, 24), torch.randn(2, 2, 24)
+    torch.manual_seed(1)
+    (base := ddpm.loss(vdn, x0, v=v)).backward()
+    assert vdn.conv_out.weight.grad[4:].abs().max() == 0 and vdn.conv_out.bias.grad[4:].abs().max() == 0
+    assert torch.allclose(vdn(x0, t, v=v), vdn.backbone(torch.cat([x0, v], 1), vdn.t_mlp(ldns.timestep_embedding(t))))
     with torch.no_grad():
-        assert torch.equal(dn(z, t, c=c1), dn(z, t, c=c2))
-    opt = torch.optim.AdamW(dn.parameters(), lr=1e-2)
-    ddpm.loss(dn, torch.randn(8, 4, 24), c=torch.randn(8, 2)).backward()
-    opt.step()
-    with torch.no_grad():
-        assert (dn(z, t, c=c1) - dn(z, t, c=c2)).abs().max() > 1e-6
-
-
-def test_ldns_reach_velocity_channels_are_inputs_only_and_excluded_from_the_loss():
-    """Denoiser(C_in = d + 2): the velocity enters the output, but the two extra output channels are dropped, so
-    whatever they would predict (their weights, i.e. their 'target') changes neither the loss nor its gradients."""
-    torch.manual_seed(0)
-    dn = ldns.Denoiser(4, 16, 1, 8, d_extra=2)
-    with torch.no_grad():                                      # make the blocks non-trivial
-        for p in dn.parameters():
-            p.add_(0.1 * torch.randn(p.shape))
-    x0, v = torch.randn(3, 4, 24), torch.randn(3, 2, 24)
-    ddpm = ldns.DDPM()
-
-    def loss():
+        vdn.conv_out.weight[4:].normal_(0, 10.0)
         torch.manual_seed(1)
-        return ddpm.loss(dn, x0, extra=v)
-    base = loss()
-    base.backward()
-    assert dn.conv_out.weight.grad[4:].abs().max() == 0 and dn.conv_out.bias.grad[4:].abs().max() == 0
-    with torch.no_grad():
-        dn.conv_out.weight[4:].normal_(0, 10.0)
-        dn.conv_out.bias[4:].normal_(0, 10.0)
-        assert loss() == base
-        t = torch.tensor([100, 100, 100])
-        assert (dn(x0, t, extra=v) - dn(x0, t, extra=-v)).abs().max() > 1e-4
-
+        assert ddpm.loss(vdn, x0, v=v) == base
 
 def test_ldns_reach_ridge_decoder_recovers_a_known_linear_map():
-    """Oracle: rates from a known linear map plus intercept; fit_ridge (tiny alpha) recovers W and b, and the
-    decoded velocity reaches R^2 ~ 1 (r2_score equals 1 - SSE/SST per output, averaged)."""
     rng = np.random.default_rng(0)
-    rates = rng.gamma(2.0, 0.5, (30, 12, 40))                  # (K,N,T)
-    W, b = rng.standard_normal((12, 2)), np.array([0.3, -0.2])
-    v = ldns.bins_as_rows(rates) @ W + b                       # (K*T, 2)
-    v = v.reshape(30, 40, 2).transpose(0, 2, 1)                # (K,T,2) -> (K,2,T)
-    W_hat, b_hat = ldns.fit_ridge(ldns.bins_as_rows(rates), ldns.bins_as_rows(v), 1e-8)
-    np.testing.assert_allclose(W_hat, W, atol=1e-6)
-    np.testing.assert_allclose(b_hat, b, atol=1e-6)
-    assert ldns.r2_score(v, ldns.decode_velocity(rates, W_hat, b_hat)) > 1 - 1e-10
-    assert abs(ldns.r2_score(v, np.broadcast_to(v.mean((0, 2), keepdims=True), v.shape))) < 1e-12
+    rates, W, b = rng.gamma(2.0, 0.5, (30, 12, 40)), rng.standard_normal((12, 2)), np.array([0.3, -0.2])
+    v = np.einsum("knt,nc->kct", rates, W) + b[None, :, None]  # (K,2,T)
+    W_hat, b_hat = ldns.fit_ridge(_rows(rates), _rows(v), 1e-8)
+    assert np.allclose(W_hat, W, atol=1e-6) and np.allclose(b_hat, b, atol=1e-6)
+    assert np.allclose(ldns.decode_velocity(rates, W, b), v) and np.array_equal(ldns.bins_as_rows(v), _rows(v))
+    noisy = v + rng.standard_normal(v.shape)                   # R^2 = 1 - SSE/SST per output, averaged
+    r2 = np.mean([1 - ((v[:, c] - noisy[:, c]) ** 2).sum() / ((v[:, c] - v[:, c].mean()) ** 2).sum() for c in (0, 1)])
+    Xc, Yc = _rows(rates) - _rows(rates).mean(0), _rows(noisy) - _rows(noisy).mean(0)
+    W50 = np.linalg.solve(Xc.T @ Xc + 50 * np.eye(12), Xc.T @ Yc)  # the ridge normal equations
+    W_hat, b_hat = ldns.fit_ridge(_rows(rates), _rows(noisy), 50.0)
+    assert math.isclose(ldns.r2_score(v, noisy), r2) and np.allclose(W_hat, W50) and np.allclose(
+        b_hat, _rows(noisy).mean(0) - _rows(rates).mean(0) @ W50)
 
+def test_ldns_paper_denoiser_size_and_demo_settings():
+    """The official Lorenz denoiser has 179,432 parameters; the diagonal S4D has no low-rank P (2 n real numbers
+    per channel and block), and the final adaLN modulation adds Linear(C/4, 2C)."""
+    cfg = ldns.parse_args(["--paper"])
+    n_dn = sum(p.numel() for p in ldns.Denoiser(cfg.d_latent, cfg.dn_channels, cfg.dn_blocks, cfg.d_state).parameters())
+    C, n = cfg.dn_channels, cfg.d_state // 2
+    assert n_dn == 179_432 - cfg.dn_blocks * C * 2 * n + (C // 4 * 2 * C + 2 * C)
+    assert (cfg.n_trials, cfg.n_bins, cfg.ae_channels, cfg.ae_blocks, cfg.sample_steps) == (5000, 256, 256, 4, 1000)
+    cfg = ldns.parse_args(["--demo", "reach", "--quick"])
+    assert (cfg.ae_steps, cfg.dn_blocks, cfg.dn_smooth_l1, cfg.angle_bin, cfg.n_vel) == (100, 1, 0.05, 12, 8)
+    assert ldns.parse_args(["--demo", "lorenz-varlen"]).len_min == 48 and not hasattr(ldns.parse_args([]), "sh_bins")
 
-def test_ldns_reach_direction_and_angular_error():
-    theta = np.array([0.1, 2.0, -3.0])
-    v = np.zeros((3, 2, 10))
-    v[:, 0, 3:7], v[:, 1, 3:7] = np.cos(theta)[:, None], np.sin(theta)[:, None]
-    np.testing.assert_allclose(ldns.reach_direction(v), theta, atol=1e-12)
-    np.testing.assert_allclose(ldns.angular_error_deg(np.array([np.pi - 0.1, 0.2]), np.array([-np.pi + 0.1, -0.2])),
-                               np.degrees([0.2, 0.4]), atol=1e-9)
-
-
-@pytest.mark.parametrize("argv", [
-    ["--demo", "reach", "--angle-bin", "20"],                  # before the latest onset
-    ["--demo", "reach", "--n-vel", "400"],                     # more than the 300 held-out trials
-    ["--demo", "reach", "--data", "x.npz"],
-    ["--demo", "reach", "--spike-history"],
-    ["--demo", "reach", "--condition", "speed"],
-    ["--ridge-alpha", "-1"],
-])
-def test_ldns_reach_bad_settings_exit_with_status_2(argv, capsys):
+@pytest.mark.parametrize("argv,flag", [
+    (["--demo", "lorenz-refractory", "--sh-bins", "200"], "--sh-bins"), (["--sh-bins", "5"], "--sh-bins"),
+    (["--demo", "lorenz-refractory", "--sh-cap", "0"], "--sh-cap"), (["--ae-channels", "30"], "--ae-channels"),
+    (["--demo", "lorenz-varlen", "--len-min", "500"], "--len-min"), (["--len-min", "40"], "--len-min"),
+    (["--demo", "lorenz-varlen", "--len-min", "150", "--n-buckets", "20"], "--n-buckets"),
+    (["--demo", "lorenz-varlen", "--data", "x.npz"], "--data"), (["--demo", "reach", "--data", "x.npz"], "--data"),
+    (["--demo", "reach", "--angle-bin", "20"], "--angle-bin"), (["--demo", "reach", "--n-vel", "400"], "--n-vel"),
+    (["--demo", "reach", "--condition", "speed"], "--condition"), (["--mask-p", "1"], "--mask-p"),
+    (["--demo", "reach", "--ridge-alpha", "-1"], "--ridge-alpha"), (["--sample-steps", "2000"], "--sample-steps")])
+def test_ldns_bad_settings_exit_2_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         ldns.parse_args(argv)
-    assert e.value.code == 2
-    assert "--" in capsys.readouterr().err
+    assert e.value.code == 2 and flag in capsys.readouterr().err
 
-
-@pytest.mark.parametrize("condition", ["both", "velocity"])
-def test_ldns_reach_quick_end_to_end(tmp_path, condition):
-    out = tmp_path / "run"
-    res = ldns.main(["--demo", "reach", "--quick", "--threads", "1", "--condition", condition, "--out", str(out)])
-    both = condition == "both"
-    names = ["config.json", "metrics.json", "timing.json", "samples.npz", "ae.pt", "denoiser_velocity.pt",
-             "figures/1_data.png", "figures/7_reach_velocity.png"]
-    names += ["denoiser_angle.pt", "figures/6_reach_angle_fan.png", "figures/8_reach_raster.png"] if both else []
-    for f in names:
-        assert (out / f).is_file(), f
-    assert both == (out / "denoiser_angle.pt").exists()
-    w = torch.load(out / "denoiser_velocity.pt", weights_only=True)
-    assert w["conv_in.weight"].shape[1] == 8 + 2 and {"latent_mu", "latent_sigma", "velocity_scale"} <= set(w)
-    with np.load(out / "samples.npz") as s:
-        keys = {"real", "generated", "generated_velocity", "velocity_requested", "velocity_requested_trials"}
-        assert set(s.files) == keys | ({"angle_requested"} if both else set())
-        assert s["generated_velocity"].shape == (8, 32, 32) and s["velocity_requested"].shape == (8, 2, 32)
-        if both:
-            assert s["generated"].shape == (16, 32, 32) and len(np.unique(s["angle_requested"])) == 8
-    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(res))
-    assert res["behaviour/decoder_r2_real_test"] <= 1 and res["behaviour/real_test_angle_error_median_deg"] <= 180
-    for k in ["velocity/r2_decoded_vs_requested", "velocity_gen_vs_real_test/r_rate"] + (
-            ["angle/error_median_deg", "angle/error_p90_deg", "angle_gen_vs_real/r_corr"] if both else []):
-        assert np.isfinite(res[k]), k
-    assert both == ("angle/error_median_deg" in res)
-
-
-# --- the official scale ---------------------------------------------------------------------------------------------
-def test_ldns_paper_models_at_full_size_take_one_step():
-    """--paper builds the official Lorenz AE and denoiser; one optimiser step runs on a batch of 2 at 128 x 256. The
-    denoiser's count differs from the official 179,432 exactly by the documented architectural differences: the
-    diagonal S4D layer has no low-rank P (32 complex = 64 real numbers per channel and layer), and the final adaLN
-    modulation adds Linear(C/4, 2C)."""
-    cfg = ldns.parse_args(["--paper"])
-    ae = ldns.AutoEncoder(cfg.n_neurons, cfg.ae_channels, cfg.d_latent, cfg.ae_blocks, cfg.d_state)
-    dn = ldns.Denoiser(cfg.d_latent, cfg.dn_channels, cfg.dn_blocks, cfg.d_state)
-    n_ae, n_dn = (sum(p.numel() for p in m.parameters()) for m in (ae, dn))
-    C, n = cfg.dn_channels, cfg.d_state // 2
-    assert n_dn == 179_432 - cfg.dn_blocks * C * 2 * n + (C // 4 * 2 * C + 2 * C), n_dn
-    print(f"--paper: AE {n_ae:,} parameters (official 1,453,192 with DPLR), denoiser {n_dn:,}")
-    x = torch.poisson(torch.rand(2, cfg.n_neurons, cfg.n_bins) * 0.3)
-    for model, loss in ((ae, lambda: ldns.ae_loss(ae, x, cfg)),
-                        (dn, lambda: ldns.DDPM(cfg.n_diffusion).loss(dn, torch.randn(2, cfg.d_latent, cfg.n_bins)))):
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.ae_lr)
-        before = copy.deepcopy(model.state_dict())
-        loss().backward()
-        opt.step()
-        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-# --- own data and bad data ------------------------------------------------------------------------------------------
-GOOD = np.random.default_rng(0).poisson(0.3, (12, 8, 32))
-
-
-@pytest.mark.parametrize("name,arr,match", [
-    ("dims", GOOD[0], "3 dims"),
-    ("negative", GOOD - 1, "non-negative"),
-    ("nan", np.where(GOOD > 1, np.nan, GOOD), "finite"),
-    ("non-integer", GOOD + 0.5, "integer"),
-    ("huge counts", GOOD * 10 ** 12, "re-bin"),
-    ("few trials", GOOD[:9], "10 trials"),
-    ("few bins", GOOD[..., :15], "16 time bins"),
-    ("silent", GOOD * 0, "only zeros"),
-])
-def test_ldns_bad_counts_raise_before_training(tmp_path, name, arr, match):
-    path = str(tmp_path / "a.npz")
-    np.savez(path, spikes=arr)
-    out = tmp_path / "out"
+@pytest.mark.parametrize("arr,match", [(GOOD[0], "3 dims"), (GOOD - 1, "non-negative"), (GOOD + 0.5, "integer"),
+                                       (np.where(GOOD > 1, np.nan, GOOD), "finite"), (GOOD * 10 ** 12, "re-bin"),
+                                       (GOOD[:9], "10 trials"), (GOOD[..., :15], "16 time"), (GOOD * 0, "only zeros"),
+                                       (GOOD[..., :20], "21 time")])
+def test_ldns_bad_counts_raise_before_anything_is_written(tmp_path, arr, match):
+    np.savez(tmp_path / "a.npz", spikes=arr)
     with pytest.raises(ValueError, match=match):
-        ldns.main(["--data", path, "--out", str(out), "--quick"])
-    assert not out.exists(), "output written before validation"
+        ldns.main(["--data", str(tmp_path / "a.npz"), "--out", str(tmp_path / "o"), "--quick"] + (
+            ["--demo", "lorenz-refractory", "--sh-bins", "20"] if match == "21 time" else []))
+    assert not (tmp_path / "o").exists()
 
-
-def test_ldns_own_data_runs_without_latent_metrics(tmp_path):
-    path = str(tmp_path / "s.npy")
-    np.save(path, GOOD)
-    res = ldns.main(["--data", path, "--out", str(tmp_path / "o"), "--quick", "--ae-steps", "3", "--dn-steps", "3"])
-    assert "ae/latent_r2" not in res and np.isfinite(res["gen_vs_real/r_rate"])
-
-
-def test_ldns_cli_rejects_indivisible_latent_groups(capsys):
-    with pytest.raises(SystemExit) as e:
-        ldns.main(["--ae-channels", "30", "--d-latent", "8"])
-    assert e.value.code == 2 and "--d-latent" in capsys.readouterr().err
+@pytest.mark.parametrize("argv,files,keys", [
+    (["--demo", "lorenz-refractory", "--data", "GOOD"], ["figures/6_autocorrelograms.png"], ["acg/ldns_sh/lag1_ratio"]),
+    (["--demo", "lorenz-varlen"], ["figures/6_varlen.png"], ["lengths/n_wrong_length", "len_10-17/gen_vs_real/r_psc",
+                                                            "len_25-32/real_vs_real/r_corr", "ae/latent_r2"]),
+    (["--demo", "reach"], ["denoiser_angle.pt", "figures/6_reach_angle_fan.png", "figures/8_reach_raster.png",
+                           "figures/7_reach_velocity.png"], ["angle/error_p90_deg", "velocity/n_traces"]),
+    (["--demo", "reach", "--condition", "velocity"], ["denoiser_velocity.pt"], ["velocity_gen_vs_real_test/r_rate"])])
+def test_ldns_tiny_end_to_end_runs(tmp_path, argv, files, keys):
+    np.save(tmp_path / "good.npy", GOOD)
+    res = ldns.main([a if a != "GOOD" else str(tmp_path / "good.npy") for a in argv] + TINY + ["--out", str(tmp_path)])
+    assert all((tmp_path / f).is_file() for f in ["samples.npz", "ae.pt", "figures/1_data.png", *files])
+    assert all(k in res for k in keys) and ("--data" not in argv or "ae/latent_r2" not in res)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(res))
+    with np.load(tmp_path / "samples.npz") as s:
+        T, n_real = s["real"].shape[-1], int(0.7 * (12 if "--data" in argv else 60))
+        assert s["real"].shape[1:] == s["generated"].shape[1:] and len(s["real"]) == n_real
+        assert "generated_plain" not in s or s["generated"].max() <= 5 and s["generated_plain"].shape == s[
+            "generated"].shape
+        assert "lengths_generated" not in s or all(   # end-padded: no spike after a trial's length
+            (s[k] * (np.arange(T) >= s["lengths_" + k][:, None, None])).sum() == 0 for k in ("real", "generated"))
+        assert "velocity_requested" not in s or s["velocity_requested"].shape == (8, 2, T) and s[
+            "generated_velocity"].shape == (8, 32, T) and len(set(s.get("angle_requested", range(8)))) == 8
+    if "reach" in argv:
+        w = torch.load(tmp_path / "denoiser_velocity.pt", weights_only=True)
+        assert w["conv_in.weight"].shape[1] == 8 + 2 and {"latent_mu", "latent_sigma", "velocity_scale"} <= set(w)

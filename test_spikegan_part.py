@@ -1,13 +1,12 @@
-"""Temporary part of test_minimal.py (spikegan); merged back into test_minimal.py by the lead."""
-import ast
+"""Spike-GAN tests (merged into test_minimal.py by the lead). Every expected value is computed here, independently of
+the file: the WGAN-GP objective in closed form, training against Alg. 1 written out, the layers written out, the
+simulators against their defining probabilities, the statistics and importance maps by loops, the DG by identities,
+own data, bad input."""
 import copy
 import dataclasses
-import importlib
-import json
 import math
 import os
-import stat
-import subprocess
+import re
 import sys
 
 import numpy as np
@@ -16,139 +15,178 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MODEL_FILES = ["ldns_minimal.py", "gnocchi_minimal.py", "spikegan_minimal.py"]
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-import gnocchi_minimal as gn  # noqa: E402
-import ldns_minimal as ldns  # noqa: E402
 import spikegan_minimal as sg  # noqa: E402
 
-MODULES = {"ldns_minimal.py": ldns, "gnocchi_minimal.py": gn, "spikegan_minimal.py": sg}
-# a --quick run of each file's default demo, fixed threads (float sums must run in the same order in both runs)
-QUICK = {"ldns_minimal.py": ["--quick", "--threads", "1", "--seed", "3"],
-         "gnocchi_minimal.py": ["--quick", "--threads", "1"],
-         "spikegan_minimal.py": ["--quick", "--threads", "1"]}
-# flags that make the first training stage diverge (a non-finite loss)
-DIVERGE = {"ldns_minimal.py": ["--ae-lr", "1e12"], "gnocchi_minimal.py": ["--lr", "1e12"],
-           "spikegan_minimal.py": ["--lr", "1e12"]}
 
-
-def run_cli(args, cwd, timeout=300):
-    """Run `python <args>` in cwd with the repo on PYTHONPATH; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONDONTWRITEBYTECODE="1", MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-
-# =====================================================================================================================
-# Spike-GAN
-# =====================================================================================================================
-SG_TINY = ["--n-train", "256", "--n-test", "128", "--n-gen", "256", "--iters", "4", "--eval-every", "2",
-           "--d-features", "4", "--g-features", "4", "--window", "16", "--neurons", "8"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread in this module (small ops on a shared CPU), restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class Linear(torch.nn.Module):
-    """A linear critic D(x) = <w, x> that records its inputs."""
-
-    def __init__(self, w):
-        super().__init__()
-        self.w = w
-        self.seen = []
-
-    def forward(self, x):
-        self.seen.append(x.detach())
-        return (x * self.w).flatten(1).sum(1)
-
-
-# -----------------------------------------------------------------------------
-# WGAN-GP objective
-# -----------------------------------------------------------------------------
-def test_sg_gradient_penalty_norm_over_all_non_batch_dims():
+def test_sg_wgan_gp_objective_in_closed_form():
     torch.manual_seed(0)
-    w = torch.randn(3, 5)                                  # (N, T): grad of a linear critic is w for every sample
-    x, xf = torch.rand(4, 3, 5), torch.rand(4, 3, 5)
-    gp = sg.gradient_penalty(Linear(w), x, xf)
-    assert torch.allclose(gp, (w.norm() - 1) ** 2)         # Frobenius norm of the whole sample, not per row
-    assert not torch.allclose(gp, ((w.norm(dim=1) - 1) ** 2).mean())
-
-
-def test_sg_gradient_penalty_zero_for_unit_norm_linear_critic_and_interpolates_on_segment():
+    w, x, xf, alpha = torch.randn(3, 5, requires_grad=True), torch.rand(4, 3, 5), torch.rand(4, 3, 5), torch.rand(4, 1, 1)
+    linear, quadratic = (lambda y: (y * w).flatten(1).sum(1)), (lambda y: (y * w).pow(2).flatten(1).sum(1) / 2)
+    gp = sg.gradient_penalty(linear, x, xf, alpha)                       # grad <w, x> = w: the norm of the whole sample
+    assert torch.allclose(gp, (w.norm() - 1) ** 2)
+    gp.backward()                                                        # the penalty's gradient reaches the critic
+    assert torch.allclose(w.grad, 2 * (w.norm() - 1) * w / w.norm())
+    g = (w ** 2 * (x + alpha * (xf - x))).flatten(1).norm(dim=1)         # grad |w x|^2 / 2 = w^2 x_hat, per sample
+    assert torch.allclose(sg.gradient_penalty(quadratic, x, xf, alpha), ((g - 1) ** 2).mean())
     torch.manual_seed(1)
-    w = torch.randn(3, 5)
-    D = Linear(w / w.norm())
-    x, xf = torch.rand(6, 3, 5), torch.rand(6, 3, 5)
-    alpha = torch.rand(6, 1, 1)
-    assert sg.gradient_penalty(D, x, xf, alpha).abs() < 1e-10
-    assert torch.allclose(D.seen[-1], x + alpha * (xf - x))    # one alpha per sample
-    sg.gradient_penalty(D, x, xf)                               # random alpha: still between x and x_fake
-    t = (D.seen[-1] - x) / (xf - x)                            # (B, N, T), constant within a sample
-    assert torch.allclose(t, t[:, :1, :1].expand_as(t), atol=1e-4)
-    assert (t >= 0).all() and (t <= 1).all()
+    drawn = sg.gradient_penalty(quadratic, x, xf)
+    torch.manual_seed(1)                                                 # alpha ~ U(0, 1), one per sample
+    assert torch.allclose(drawn, sg.gradient_penalty(quadratic, x, xf, torch.rand(4, 1, 1)))
+    mean_D = (xf * w).sum() / 4 - (x * w).sum() / 4                      # E[D(x_fake)] - E[D(x)]
+    assert torch.allclose(sg.critic_loss(linear, x, xf), mean_D + 10 * (w.norm() - 1) ** 2)   # lambda 10
+    assert torch.allclose(sg.generator_loss(linear, xf), -(xf * w).sum() / 4)
 
 
-def test_sg_fused_critic_pass_equals_separate_passes():
+def test_sg_train_is_alg1_written_out():
+    cfg = sg.Config(device="cpu", iters=3, critic_iters=2, batch=4, lr=0.01, lambd=3.0, eval_every=2, z_dim=5)
+    x = np.random.default_rng(0).random((11, 3, 4)) < 0.3                # 2 batches per epoch, 3 samples left over
     torch.manual_seed(0)
-    D = sg.init_weights(sg.Critic(N=8, T=16, F_=4))
-    x, x_fake = (torch.rand(6, 8, 16) < 0.2).float(), torch.rand(6, 8, 16)
-    torch.manual_seed(1)                                       # same interpolation weights alpha in both
-    fused = sg.critic_loss(D, x, x_fake)
+    G, D = sg.init_weights(sg.Generator(3, 4, 2, z_dim=5)), sg.init_weights(sg.Critic(3, 4, 2))
+    G0, D0 = copy.deepcopy(G), copy.deepcopy(D)
     torch.manual_seed(1)
-    separate = D(x_fake).mean() - D(x).mean() + 10.0 * sg.gradient_penalty(D, x, x_fake)
-    assert torch.allclose(fused, separate, atol=1e-6)
+    history = sg.train(cfg, G, D, x, monitor=lambda G, D: dict(lag1_ratio=0.0))
+    torch.manual_seed(1)                                                 # the same draws, in the same order
+    opt_G, opt_D = (torch.optim.Adam(m.parameters(), betas=(0.0, 0.9)) for m in (G0, D0))
+    data, queue = torch.as_tensor(x).float(), []
+    for it in range(3):
+        for group in opt_G.param_groups + opt_D.param_groups:
+            group["lr"] = 0.01 * (1 - it / 3)                           # linear decay to 0
+        for _ in range(2):                                               # critic steps, a reshuffle every epoch
+            queue = queue or list(torch.randperm(11)[:8].view(2, 4))
+            xr, xf = data[queue.pop(0)], G0(torch.randn(4, 5)).detach()
+            xh = (xr + torch.rand(4, 1, 1) * (xf - xr)).requires_grad_()
+            g, = torch.autograd.grad(D0(xh).sum(), xh, create_graph=True)
+            loss_D = D0(xf).mean() - D0(xr).mean() + 3.0 * ((g.flatten(1).norm(dim=1) - 1) ** 2).mean()
+            opt_D.zero_grad()
+            loss_D.backward()
+            opt_D.step()
+        loss_G = -D0(G0(torch.randn(4, 5))).mean()                       # then one generator step
+        opt_G.zero_grad()
+        loss_G.backward()
+        opt_G.step()
+    batches = sg.real_batches(torch.arange(8.).view(8, 1, 1), 4)        # an epoch: every sample once
+    assert sorted(torch.cat([next(batches), next(batches)]).flatten().tolist()) == list(range(8))
+    for a, b in zip([*G.parameters(), *D.parameters()], [*G0.parameters(), *D0.parameters()]):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert [h["iter"] for h in history] == [2, 3] and history[-1]["loss_G"] == pytest.approx(loss_G.item(), abs=1e-5)
 
 
-# -----------------------------------------------------------------------------
-# Model and training
-# -----------------------------------------------------------------------------
-def test_sg_generator_shape_range_and_init():
+def test_sg_critic_and_generator_are_the_layers_written_out():
     torch.manual_seed(0)
-    G = sg.init_weights(sg.Generator(16, 32, 8))
-    p = G(torch.randn(5, 128))
-    assert p.shape == (5, 16, 32) and (p > 0).all() and (p < 1).all()
-    assert sg.Critic(16, 32, 8)(p).shape == (5,)
-    for name, prm in G.named_parameters():
-        if name.endswith("bias"):
-            assert (prm == 0).all()
-        else:
-            assert prm.abs().max() <= 0.02 * math.sqrt(3)
+    D, G = sg.init_weights(sg.Critic(3, 8, 2)), sg.init_weights(sg.Generator(3, 8, 2, z_dim=5))
+    W = [*D.parameters(), *G.parameters()]                               # critic channels 2F, 4F; generator 4F, 2F, N
+    assert [tuple(p.shape) for p in W] == [(4, 3, 5), (4,), (8, 4, 5), (8,), (1, 16), (1,), (16, 5), (16,),
+                                           (4, 8, 5), (4,), (3, 4, 5), (3,)]
+    assert [c.out_channels for c in [*sg.Critic(3, 16, 2, L=3).convs, *sg.Generator(3, 16, 2, L=3).convs]] == [
+        4, 8, 16, 8, 4, 3]                                               # L 3: 2F, 4F, 8F and 8F -> 4F, 2F, N
+    weights = torch.cat([p.flatten() for p in W if p.dim() > 1])         # U(-0.02 sqrt 3, 0.02 sqrt 3): std 0.02
+    assert all((p == 0).all() for p in W if p.dim() == 1) and weights.abs().max() <= 0.02 * math.sqrt(3)
+    assert 0.018 < weights.std() < 0.022
+    with torch.no_grad():
+        for p in W:
+            p.normal_(0, 0.5)
+        leaky, x, z = (lambda h: torch.where(h > 0, h, 0.2 * h)), torch.rand(2, 3, 8), torch.randn(2, 5)
+        h = leaky(F.conv1d(leaky(F.conv1d(x, W[0], W[1], stride=2, padding=2)), W[2], W[3], stride=2, padding=2))
+        assert torch.allclose(D(x), h.flatten(1) @ W[4][0] + W[5], atol=1e-5)
+        h = leaky((z @ W[6].T + W[7]).view(2, 8, 2))
+        for w, b in ((W[8], W[9]), (W[10], W[11])):
+            h = leaky(F.conv1d(h.repeat_interleave(2, -1), w, b, padding=2))   # nearest x2, then a 'same' conv
+        assert torch.allclose(G(z), torch.sigmoid(h), atol=1e-6)
 
 
-def test_sg_one_training_iteration_changes_both_nets():
-    cfg = sg.Config(iters=1, d_features=4, g_features=4, batch=16)
-    x = np.random.default_rng(0).random((64, 8, 16)) < 0.2
+def test_sg_paper_preset_full_size_and_its_first_adam_step(capsys):
+    cfg = dataclasses.replace(sg.parse_args(["--paper"]), iters=1, critic_iters=1, batch=2, device="cpu")
+    assert (cfg.window, cfg.d_features, cfg.g_features, cfg.lr, cfg.lr_decay, cfg.n_test) == (128, 128, 128, 1e-4,
+                                                                                             False, 2048)
+    assert sg.parse_args(["--paper"]).iters == 300000 and sg.parse_args(["--quick", "--demo", "packets"]).importance == 32
     torch.manual_seed(0)
-    G, D = sg.make_models(cfg, 8, 16)
-    before = [p.detach().clone() for p in [*G.parameters(), *D.parameters()]]
-    assert sg.train(cfg, G, D, x, torch.device("cpu")) == []  # no monitor, no history
-    changed = [not torch.equal(a, b) for a, b in zip(before, [*G.parameters(), *D.parameters()])]
-    n_G = len(list(G.parameters()))
-    assert any(changed[:n_G]) and any(changed[n_G:])
+    G, D = sg.init_weights(sg.Generator(16, 128, 128)), sg.init_weights(sg.Critic(16, 128, 128))
+    N, T, Fc = 16, 128, 128                                              # paper Fig 1: critic channels 256, 512
+    assert sum(p.numel() for p in D.parameters()) == (N * 2 * Fc * 5 + 2 * Fc) + (2 * Fc * 4 * Fc * 5 + 4 * Fc) + (
+        4 * Fc * T // 4 + 1) == 692993
+    assert sum(p.numel() for p in G.parameters()) == (128 * 4 * Fc * T // 4 + 4 * Fc * T // 4) + (
+        4 * Fc * 2 * Fc * 5 + 2 * Fc) + (2 * Fc * N * 5 + N) == 2789648
+    before = [p.detach().clone() for p in G.parameters()]
+    sg.train(cfg, G, D, np.random.default_rng(0).random((4, N, T)) < 0.1)
+    step = torch.cat([(p - b).abs().flatten() for p, b in zip(G.parameters(), before)])
+    assert (step - 1e-4).abs().median() < 1e-6                          # Adam, beta1 0, step 1: lr * sign(gradient)
+    assert "WARNING: --paper on a CPU" in capsys.readouterr().err
 
 
-def test_sg_lr_schedule_linear_decay_and_constant():
-    cfg = sg.Config(lr=4e-3, iters=100)
-    assert sg.lr_at(cfg, 0) == 4e-3 and math.isclose(sg.lr_at(cfg, 50), 2e-3) and sg.lr_at(cfg, 100) == 0
-    assert sg.lr_at(dataclasses.replace(cfg, lr_decay=False), 99) == 4e-3
+def test_sg_simulators():
+    rng = np.random.default_rng(0)
+    for d in (1, 3):                      # two spikes d bins apart: one pass, the later survives w.p. 1 - e^(-d/s^2)
+        x = np.zeros((20000, 8), bool)
+        x[:, [2, 2 + d]] = True
+        s = sg.refractory_soft(x, np.zeros(20000), 2.0, rng)
+        assert s[:, 2].all() and abs(s[:, 2 + d].mean() - 1 + math.exp(-d / (2 / 1.5) ** 2)) < 0.015
+    x = rng.random((100, 30)) < 0.4
+    margin = copy.deepcopy(rng).random((100, 60)) < 1 - math.exp(-0.2)  # the 2T-bin margin it draws first
+    for row, out in zip(np.concatenate([margin, x], 1), sg.refractory_hard(x.copy(), 0.2, 6, rng)):
+        keep, last = np.zeros(90, bool), -9                              # a greedy scan keeps ISIs > 6
+        for t in np.flatnonzero(row):
+            keep[t], last = (True, t) if t - last > 6 else (False, last)
+        assert (out == keep[60:]).all()
+    x = sg.make_uniform_data(sg.Config(n_train=2048, n_test=1))["train"]     # Fig 2 data, T 32: spec 0.119, .12 .37 .64
+    ratio = [(x[..., :-l] & x[..., l:]).sum() / x.sum() / x.mean() for l in (1, 2, 3)]
+    assert 0.1 < x.mean() < 0.14 and ratio[0] < 0.2 and ratio[0] < ratio[1] < ratio[2] < 1
+    cfg = sg.Config(neurons=5, window=16, refr=1e-3, rate=0.2, corr=0.4)     # refr ~0: no refractory deletions
+    params = dict(f=np.array([0.2, 0.4]), c=np.array([0.25, 0.64]), perm=np.array([2, 3, 4, 0, 1]))
+    x = sg.make_uniform(cfg, 4000, params, rng)[:, np.argsort(params["perm"])]          # back to the group order
+    r = np.corrcoef(x.transpose(1, 0, 2).reshape(5, -1)[:4])                         # (N, S*T) -> (4, 4)
+    assert np.allclose(x.mean((0, 2)), [0.2, 0.2, 0.4, 0.4, 0], atol=0.01) and np.abs(r[:2, 2:]).max() < 0.03
+    assert np.allclose([r[0, 1], r[2, 3]], [0.25, 0.64], atol=0.03)     # copies of one reference: correlation c
+    data = sg.make_uniform_data(dataclasses.replace(cfg, neurons=40, n_train=5, n_test=3))    # 20 groups
+    assert data["train"].shape == (5, 40, 16) and data["test"].shape == (3, 40, 16)
+    for k, v in (("f", 0.2), ("c", 0.4)):                               # f_g, c_g ~ U[0.5 v, 1.5 v]
+        assert 0.5 * v <= data["params"][k].min() < 0.6 * v and 1.4 * v < data["params"][k].max() <= 1.5 * v
+    cfg = dataclasses.replace(cfg, neurons=6, group=3)
+    cfg.packet_prob = 0.3                                               # the packets demo's own setting
+    params = dict(f=np.full(6, 1e-9), perm=np.arange(6)[::-1])
+    for test in (False, True):
+        x = sg.make_packets(cfg, 1000, params, rng, **({"test": True} if test else {}))[:, np.argsort(params["perm"])]
+        on = x[:, ::3]                                                  # (S, 2 groups, T): neuron 0 fires at onsets
+        assert (x[:, [1, 4], 1:] == on[..., :-1]).all() and (x[:, [2, 5], 2:] == on[..., :-2]).all()  # a sweep
+        assert all((np.diff(np.flatnonzero(row)) > 3).all() for row in on.reshape(-1, 16)) and not on[..., 13:].any()
+        assert (on[:, 1].sum() == 0) == test and (on[:, 0, 4:9].sum() == on[:, 0].sum() > 30) == test
+        assert on[:, 0, 4].any() and on[:, 0, 8].any() and x.sum() == 3 * on.sum()   # 3 spikes per onset, no more
+        p = 0.2 if test else 0.3                                        # onsets: Bernoulli(p), then 3 bins dead time
+        assert abs(on[:, :1 if test else 2, 4:9].mean() - p / (1 + 3 * p)) < 0.012
 
 
-def test_sg_real_batches_cover_the_training_set_once_per_epoch():
-    torch.manual_seed(0)
-    data = torch.arange(10, dtype=torch.uint8).view(10, 1, 1)            # (S, N, T) = (10, 1, 1), sample i holds i
-    it = sg.real_batches(data, 3)
-    epochs = [torch.cat([next(it).flatten() for _ in range(3)]) for _ in range(2)]   # 3 full batches per epoch
-    for e in epochs:
-        assert e.dtype == torch.float32 and len(set(e.tolist())) == 9   # no sample twice within an epoch
-    assert not torch.equal(epochs[0], epochs[1])                        # reshuffled
+def test_sg_statistics_against_loops():
+    x = np.random.default_rng(0).random((3, 4, 6)) < 0.4
+    S, N, T = x.shape
+    st, rows = sg.spike_stats(x), [[int(x[s, n, t]) for s in range(S) for t in range(T)] for n in range(N)]
+
+    def cov(a, b):                                                      # sample covariance, ddof 1
+        return sum((u - sum(a) / len(a)) * (v - sum(b) / len(b)) for u, v in zip(a, b)) / (len(a) - 1)
+    C = [[cov(rows[i], rows[j]) for j in range(N)] for i in range(N)]
+    assert np.allclose(st["cov"], [C[i][j] for i in range(N) for j in range(N) if i != j])
+    assert np.allclose(st["var"], [C[i][i] for i in range(N)]) and np.allclose(st["mean"], [sum(r) / S for r in rows])
+    lag = [cov(rows[i][:-1], rows[j][1:]) for i in range(N) for j in range(N)]          # cov(x_i(t), x_j(t+1))
+    acg = [sum(x[s, n, t] & x[s, n, t + l] for s in range(S) for n in range(N) for t in range(T - l)) / x.sum()
+           for l in range(1, T)]                                        # lags 1..T-1 (max_lag 10 > T - 1)
+    assert np.allclose(st["lag_cov"], lag) and np.allclose(st["acg"], acg[::-1] + [0] + acg)
+    assert np.allclose(st["k_probs"], [np.mean(x.sum(1) == k) for k in range(N + 1)]) and st["lag1_ratio"] == \
+        pytest.approx(acg[0] / x.mean()) and len(sg.spike_stats(x.repeat(6, 2))["acg"]) == 21
+    assert np.allclose(st["psth"], [x[:, n, t].mean() for n in range(N) for t in range(T)])
+    keys = ("mean", "cov", "var", "k_probs", "acg", "psth", "lag_cov")
+    out = sg.compare({"lag1_ratio": 0.5, **{k: np.array([1., 3, 2]) * (i + 1) for i, k in enumerate(keys)}},
+                     {k: np.array([1., 2, 4]) for k in keys})
+    for i, k in enumerate(keys):                                        # r = 1 / sqrt(2 * 42 / 9) by hand
+        assert out[f"{k}_r"] == pytest.approx(3 / math.sqrt(84)) and out[f"{k}_l1"] == pytest.approx(
+            sum(abs(a * (i + 1) - b) for a, b in ((1, 1), (3, 2), (2, 4))))
+    assert out["lag1_ratio"] == 0.5 and math.isnan(sg.compare(dict(out, **{k: np.ones(3) for k in keys}),
+                                                               {k: np.arange(3.) for k in keys})["cov_r"])
+    train = np.random.default_rng(1).random((8200, 2, 8)) < 0.5         # more than one chunk of 8192
+    train[1:8192] = False                                               # the nearest patterns: first and last chunk
+    x = np.stack([train[8192], train[0] ^ np.eye(2, 8, dtype=bool)[0], train[8198] ^ np.eye(2, 8, dtype=bool)])
+    near = [min((a != b).sum() for b in train) for a in x]              # Hamming distance by brute force
+    m = sg.memorisation(x, train, n_near=2)
+    assert m == dict(memorised_frac=pytest.approx(1 / 3), nearest_hamming=pytest.approx(np.mean(near[:2])))
 
 
 def test_sg_sample_and_binarize_draw_on_the_cpu_from_their_generator():
@@ -158,247 +196,121 @@ def test_sg_sample_and_binarize_draw_on_the_cpu_from_their_generator():
     with torch.no_grad():
         assert torch.equal(p, G(torch.randn(5, 128, generator=torch.Generator().manual_seed(7))))
     x = sg.binarize(p, torch.Generator().manual_seed(1))
-    u = torch.rand(p.shape, generator=torch.Generator().manual_seed(1))
-    assert x.dtype == bool and (x == (p > u).numpy()).all()
+    assert x.dtype == bool and (x == (p > torch.rand(p.shape, generator=torch.Generator().manual_seed(1))).numpy()).all()
 
 
-def test_sg_training_stops_at_a_non_finite_loss():
-    cfg = sg.Config(iters=3, d_features=4, g_features=4, batch=16, lr=1e10)
-    x = np.random.default_rng(0).random((64, 8, 16)) < 0.2
+def test_sg_importance_map_and_packet_template_by_hand():
     torch.manual_seed(0)
-    G, D = sg.make_models(cfg, 8, 16)
-    with pytest.raises(FloatingPointError, match=r"Spike-GAN (critic|generator): the training loss became .* step 1"):
-        sg.train(cfg, G, D, x, torch.device("cpu"))
+    w, x = torch.randn(2, 6), (torch.rand(2, 2, 6) < 0.5).float()      # S 2, N 2, T 6
+    I = sg.importance_map(lambda y: (y * w).flatten(1).sum(1), x, 3, 2, torch.Generator().manual_seed(0))  # P 3
+    gen, g = torch.Generator().manual_seed(0), torch.zeros(2, 4, 2)      # g: (S, T - P + 1 windows, N)
+    for _ in range(2):                                                   # 2 shuffles per window, in the same draws
+        for tau in range(4):
+            order = torch.rand(2, 2, 3, generator=gen).argsort(-1)
+            for s, n in np.ndindex(2, 2):
+                xp = x[s].clone()
+                xp[n, tau:tau + 3] = x[s, n, tau:tau + 3][order[s, n]]
+                g[s, tau, n] += ((xp - x[s]) * w).sum().abs() / 2      # |D(x') - D(x)| of the linear critic
+    for s, n, t in np.ndindex(2, 2, 6):                                  # a spike's mean over the windows holding it
+        assert I[s, n, t] == pytest.approx(x[s, n, t] * g[s, [u for u in range(4) if u <= t < u + 3], n].mean())
+    I = np.zeros((3, 2, 6))                                              # sample 2: no important spike
+    I[0, 0, 1], I[0, 1, 3], I[0, 1, 5] = 1, 1, 0.01                     # packet at bins 1, 3; a weak spike (< q)
+    I[1, 0, 3], I[1, 1, 4], I[1, 0, 5] = 2, 2, 2                        # onset 3; bins past the end stay empty
+    assert np.allclose(sg.packet_template(I, q=40), np.array([[3, 0, 2, 0, 0, 0], [0, 2, 1, 0, 0, 0]]) / 3)
 
 
-# -----------------------------------------------------------------------------
-# --paper: the paper's Fig 2 configuration at full size
-# -----------------------------------------------------------------------------
-def paper_cfg():
-    return sg.parse_args(["--paper"])
-
-
-def test_sg_paper_preset_is_the_fig2_configuration():
-    cfg = paper_cfg()
-    assert cfg.preset == "paper" and cfg.demo == "uniform"
-    assert (cfg.neurons, cfg.window, cfg.n_train, cfg.d_features, cfg.g_features) == (16, 128, 8192, 128, 128)
-    assert (cfg.lr, cfg.lr_decay, cfg.batch, cfg.critic_iters, cfg.iters) == (1e-4, False, 64, 5, 300000)
-    assert (cfg.lambd, cfg.layers, cfg.kernel, cfg.z_dim) == (10.0, 2, 5, 128)
-    assert all(sg.lr_at(cfg, t) == 1e-4 for t in (0, 150000, 299999))
-
-
-def test_sg_paper_models_full_size_and_one_optimiser_step_at_batch_2(capsys):
-    cfg = paper_cfg()
-    torch.manual_seed(0)
-    G, D = sg.make_models(cfg, cfg.neurons, cfg.window)
-    n_G = sum(p.numel() for p in G.parameters())
-    n_D = sum(p.numel() for p in D.parameters())
-    with capsys.disabled():
-        print(f"\n  --paper: generator {n_G} parameters, critic {n_D} parameters")
-    N, T, Fc = 16, 128, 128                                    # paper Fig 1: critic channels 256, 512
-    assert n_D == (N * 2 * Fc * 5 + 2 * Fc) + (2 * Fc * 4 * Fc * 5 + 4 * Fc) + (4 * Fc * T // 4 + 1) == 692993
-    assert n_G == (128 * 4 * Fc * T // 4 + 4 * Fc * T // 4) + (4 * Fc * 2 * Fc * 5 + 2 * Fc) + (2 * Fc * N * 5 + N)
-    assert round(n_D / 1e6, 2) == 0.69 and round(n_G / 1e6, 2) == 2.79   # the repo's paper-time counts
-    before = [p.detach().clone() for p in [*G.parameters(), *D.parameters()]]
-    x = np.random.default_rng(0).random((4, N, T)) < 0.1
-    step = dataclasses.replace(cfg, iters=1, critic_iters=1, batch=2)    # one critic step (with GP), one G step
-    sg.train(step, G, D, x, torch.device("cpu"))
-    after = [*G.parameters(), *D.parameters()]
-    assert all(torch.isfinite(p).all() for p in after)
-    changed = [not torch.equal(a, b) for a, b in zip(before, after)]
-    n_G = len(list(G.parameters()))
-    assert all(changed[:n_G]) and any(changed[n_G:])
-
-
-def test_sg_paper_on_cpu_warns_with_the_size_of_the_job(capsys):
-    cfg = paper_cfg()
-    G, D = sg.make_models(dataclasses.replace(cfg, g_features=2, d_features=2), 16, 128)  # counts only
-    sg.warn_if_paper_on_cpu(cfg, G, D, torch.device("cpu"))
-    err = capsys.readouterr().err
-    assert "WARNING" in err and "300000 generator iterations" in err and "GPU" in err
-    sg.warn_if_paper_on_cpu(cfg, G, D, torch.device("cuda"))          # no warning on a GPU, nor without --paper
-    sg.warn_if_paper_on_cpu(sg.parse_args([]), G, D, torch.device("cpu"))
-    assert capsys.readouterr().err == ""
-
-
-def test_sg_quick_preset_caps_importance_maps():
-    assert sg.parse_args(["--quick", "--demo", "packets"]).importance == 32
-    assert sg.parse_args(["--demo", "packets"]).importance == 512
-
-
-# -----------------------------------------------------------------------------
-# Data generators
-# -----------------------------------------------------------------------------
-def test_sg_uniform_data_rates_correlations_and_refractory_dip():
-    cfg = sg.Config()
-    rng = np.random.default_rng(0)
-    prm = sg.make_params(cfg, rng)
-    x = sg.make_uniform(cfg, 2048, prm, rng)
-    st = sg.spike_stats(x)
-    assert x.shape == (2048, 16, 32) and 0.08 < x.mean() < 0.15          # ~0.119 at T 32 (sim_pop_activity.py)
-    ratio = st["acg"][11:14] / x.mean()                                  # lags 1, 2, 3
-    assert ratio[0] < 0.2 and ratio[0] < ratio[1] < ratio[2] < 1.0      # ~.12 .37 .64
-    r = np.corrcoef(x.transpose(1, 0, 2).reshape(16, -1))               # (N, S*T) -> (N, N)
-    first = [np.where(prm["perm"] == 2 * g)[0][0] for g in range(8)]
-    second = [np.where(prm["perm"] == 2 * g + 1)[0][0] for g in range(8)]
-    r_pair = r[first, second]
-    assert r_pair.min() > 0.03 and np.abs(r[np.triu_indices(16, 1)]).sum() - r_pair.sum() < 0.02 * 112
-
-
-def test_sg_refractory_rules():
-    rng = np.random.default_rng(0)
-    x = rng.random((4000, 30)) < 0.3
-    h = sg.refractory_hard(x.copy(), 0.3, 3, rng)
-    assert all((np.diff(np.flatnonzero(row)) > 3).all() for row in h) and h.sum() > 0
-    s = sg.refractory_soft(x.copy(), np.full(4000, 0.3), 2.0, rng)
-    assert (s <= x).all()                                               # only deletes spikes
-    assert (s[:, :-1] & s[:, 1:]).mean() < 0.2 * s.mean() ** 2         # strong lag-1 suppression
-
-
-def test_sg_packet_test_set_onsets_in_window():
-    cfg = sg.Config(demo="packets", rate=1e-9, group=8, neurons=16, window=32)
-    rng = np.random.default_rng(0)
-    prm = sg.make_params(cfg, rng)
-    x = sg.make_packets(cfg, 200, prm, rng, test=True)[:, np.argsort(prm["perm"])]   # undo the permutation
-    assert x[:, 8:].sum() == 0                                          # only group 0 carries packets
-    on = x[:, 0]                                                        # neuron 0 fires at the onsets
-    assert on[:, :8].sum() == 0 and on[:, 17:].sum() == 0 and on.sum() > 50
-    assert (x[:, 3, 3:] == on[:, :-3]).all()                            # neuron k fires at t0 + k
-
-
-# -----------------------------------------------------------------------------
-# Baseline, statistics, importance
-# -----------------------------------------------------------------------------
-def test_sg_phi2_matches_closed_form():
-    rho = torch.tensor([-0.9, -0.3, 0.0, 0.5, 0.95], dtype=torch.float64)
-    z = torch.zeros_like(rho)
-    assert torch.allclose(sg.Phi2(z, z, rho), 0.25 + torch.arcsin(rho) / (2 * math.pi), atol=1e-6)
-
-
-def test_sg_dg_fit_reproduces_rates_and_covariances():
-    rng = np.random.default_rng(0)
-    N, T, S = 3, 4, 20000                                               # a true DG with lag-0 and lag-1 structure
-    u = rng.standard_normal((S, N, T + 1))
-    u = u[..., 1:] + 0.6 * u[..., :-1] + 0.5 * u[:, :1, 1:]             # temporal + shared input
+def test_sg_dichotomized_gaussian():
+    a, b, rho = (torch.tensor(v, dtype=torch.float64) for v in ([0.3, -1.2, 0.5], [-0.5, 0.8, 0.5], [-0.7, 0.95, 0.5]))
+    assert torch.allclose(sg.Phi2(a * 0, b * 0, rho), 0.25 + torch.asin(rho) / (2 * math.pi), atol=1e-6)
+    u = -9 + (a[:, None] + 9) * torch.linspace(0, 1, 20001, dtype=torch.float64)     # (3, 20001) grid up to a
+    density = torch.exp(-u ** 2 / 2) / math.sqrt(2 * math.pi) * torch.special.ndtr((b[:, None] - rho[:, None] * u) /
+                                                                                 (1 - rho[:, None] ** 2).sqrt())
+    assert torch.allclose(sg.Phi2(a, b, rho), torch.trapezoid(density, u), atol=1e-6)   # int phi(u) P(v < b | u)
+    A = torch.eye(4, dtype=torch.float64)
+    A[1, :2] = torch.tensor([0.5, 0.75 ** 0.5])                          # corr 0.5 between bins 0, 1 of neuron 0
+    y = sg.sample_dg(torch.tensor([0.0, -1.0], dtype=torch.float64), A, 40000, torch.Generator().manual_seed(0))
+    assert np.allclose([y[:, 0].mean(), y[:, 1].mean(), (y[:, 0, 0] & y[:, 0, 1]).mean()], [0.5, 0.1587, 1 / 3],
+                       atol=0.01)                                        # Phi(0), Phi(-1), 1/4 + asin(0.5) / 2 pi
+    x = np.zeros((50, 2, 4), bool)
+    x[:, 1] = True                                                       # a silent and an always-on neuron: clipped
+    assert torch.allclose(sg.fit_dg(x)[0], torch.special.ndtri(torch.tensor([1e-4, 1 - 1e-4], dtype=torch.float64)))
+    u = np.random.default_rng(0).standard_normal((20000, 3, 5))
+    u = u[..., 1:] + 0.6 * u[..., :-1] + np.array([[0.5], [0.5], [-1.5]]) * u[:, :1, 1:]   # a DG, lags 0 and 1, rho < 0
     x = u > np.array([1.0, 0.5, 1.2])[:, None] * u.std()
     gamma, A = sg.fit_dg(x)
     y = sg.sample_dg(gamma, A, 40000, torch.Generator().manual_seed(0))
-    sx, sy = sg.spike_stats(x, 2), sg.spike_stats(y, 2)
-    assert np.abs(x.mean((0, 2)) - y.mean((0, 2))).max() < 0.01
-    assert np.abs(sx["cov"] - sy["cov"]).max() < 0.01 and np.abs(sx["lag_cov"] - sy["lag_cov"]).max() < 0.01
+
+    def moments(z, lag):                                                # E[x_i(t) x_j(t + lag)], (N, N)
+        z = z.astype(float)
+        return np.einsum("sit,sjt->ij", z[..., :4 - lag], z[..., lag:]) / (len(z) * (4 - lag))
+    assert torch.allclose(gamma, torch.special.ndtri(torch.tensor(x.mean((0, 2))))) and torch.allclose(
+        (A ** 2).sum(1), torch.ones(12, dtype=torch.float64))
+    assert max(np.abs(moments(x, lag) - moments(y, lag)).max() for lag in (0, 1, 3)) < 0.005
 
 
-def test_sg_importance_is_zero_where_there_is_no_spike():
-    torch.manual_seed(0)
-    D = sg.init_weights(sg.Critic(6, 16, 4))
-    x = (torch.rand(10, 6, 16) < 0.3).float()
-    I = sg.importance_map(D, x, P=4, reps=2, gen=torch.Generator().manual_seed(0))
-    assert I.shape == (10, 6, 16) and (I[x.numpy() == 0] == 0).all() and (I[x.numpy() == 1] > 0).mean() > 0.9
-
-
-def test_sg_spike_stats_on_a_known_pattern():
-    x = np.zeros((1, 2, 8), bool)
-    x[0, 0, [0, 2, 4]] = True                                           # period-2 train: lag-1 never, lag-2 often
-    st = sg.spike_stats(x, 3)
-    assert np.allclose(st["acg"], [0, 2 / 3, 0, 0, 0, 2 / 3, 0]) and st["lag1_ratio"] == 0
-    assert np.allclose(st["k_probs"], [5 / 8, 3 / 8, 0]) and np.allclose(st["mean"], [3, 0])
-
-
-# -----------------------------------------------------------------------------
-# End to end: the metrics describe Spike-GAN's own samples
-# -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sg_tiny")
-    return out, sg.main([*SG_TINY, "--out", str(out)])
-
-
-def test_sg_end_to_end_metrics_are_spike_gans_samples(tiny_run):
-    out, metrics = tiny_run
-    with np.load(out / "samples.npz") as z:
-        real, gen, probs, dg = z["real"], z["generated"], z["generated_probs"], z["dg"]
-    assert real.shape == (128, 8, 16) and gen.shape == probs.shape == dg.shape == (256, 8, 16)
-    assert set(np.unique(gen)) <= {0, 1} and ((probs > 0) & (probs < 1)).all()
-    assert not np.array_equal(gen, dg)
-    assert abs(gen.mean() - probs.mean()) < 0.02                        # Bernoulli draws of the probabilities
-    ours = sg.compare(sg.spike_stats(gen.astype(bool)), sg.spike_stats(real.astype(bool)))
-    for k, v in ours.items():                                           # metrics["Spike-GAN"] is these samples'
-        assert metrics["Spike-GAN"][k] == pytest.approx(v, nan_ok=True), k
-    assert metrics["Spike-GAN"] != metrics["DG"]
-    assert [h["iter"] for h in metrics["history"]] == [2, 4] and json.loads((out / "metrics.json").read_text())
-    G = sg.Generator(8, 16, 4)
-    G.load_state_dict(torch.load(out / "generator.pt", weights_only=True))
-    assert "targets" not in metrics
-
-
-def test_sg_long_series_is_cut_into_windows(tmp_path):
+def test_sg_own_data_windows_held_out_split_and_a_run(tmp_path):
     x = (np.random.default_rng(0).random((1000, 5)) < 0.1).astype(np.uint8)
     np.savez(tmp_path / "s.npz", spikes=x)
-    cfg = sg.Config(data=str(tmp_path / "s.npz"), window=16, stride=8, batch=8)
-    tr, te = sg.load_spikes(cfg, np.random.default_rng(0))
-    assert tr.shape == ((800 - 16) // 8 + 1, 5, 16) and te.shape == ((200 - 16) // 8 + 1, 5, 16)
-    assert (tr[1] == x[8:24].T).all() and (te[0] == x[800:816].T).all()
-
-
-def test_sg_own_data_runs_and_same_seed_gives_identical_metrics(tmp_path):
+    data = sg.load_data(sg.Config(data=str(tmp_path / "s.npz"), window=16, stride=8, batch=8))
+    assert data["train"].shape == ((800 - 16) // 8 + 1, 5, 16) and data["test"].shape == ((200 - 16) // 8 + 1, 5, 16)
+    assert (data["train"][1] == x[8:24].T).all() and (data["test"][0] == x[800:816].T).all()
     x = np.random.default_rng(0).random((400, 8, 16)) < 0.1
-    np.save(tmp_path / "x.npy", x)
-    runs = []
-    for name in ("a", "b"):
-        sg.main(["--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / name), *SG_TINY])
-        runs.append((tmp_path / name / "metrics.json").read_text())
-    assert runs[0] == runs[1]
-    assert json.loads(runs[0])["data"]["shape"] == [320, 8, 16]
+    np.save(tmp_path / "t.npy", x)                                       # trials: a random 20% held out
+    data = sg.load_data(sg.Config(data=str(tmp_path / "t.npy")))
+    assert len(data["test"]) == 80 and sorted(map(bytes, np.concatenate([data["train"], data["test"]]))) == sorted(
+        map(bytes, x))
+    metrics = sg.main(["--data", str(tmp_path / "t.npy"), "--out", str(tmp_path / "run"), "--n-gen", "256", "--iters",
+                       "4", "--eval-every", "2", "--d-features", "4", "--g-features", "4", "--threads", "1"])
+    z = {k: v.astype(float) for k, v in np.load(tmp_path / "run" / "samples.npz").items()}
+    assert z["real"].shape == (80, 8, 16) and z["generated"].shape == z["dg"].shape == (256, 8, 16)
+    for name, y in (("Spike-GAN", z["generated"]), ("DG", z["dg"])):    # the metrics recomputed here, by hand
+        k_probs = [[np.mean(v.sum(1) == k) for k in range(9)] for v in (y, z["real"])]
+        assert metrics[name]["mean_l1"] == pytest.approx(np.abs(y.sum(2).mean(0) - z["real"].sum(2).mean(0)).sum())
+        assert metrics[name]["k_probs_l1"] == pytest.approx(np.abs(np.subtract(*k_probs)).sum())
+        assert metrics[name]["lag1_ratio"] == pytest.approx((y[..., :-1] * y[..., 1:]).sum() / y.sum() / y.mean())
+    assert abs(z["generated"].mean() - z["generated_probs"].mean()) < 0.02 and 0 < z["generated_probs"].min()
+    assert [h["iter"] for h in metrics["history"]] == [2, 4] and metrics["data"]["shape"] == [320, 8, 16]
 
 
-# -----------------------------------------------------------------------------
-# --data checks: each bad file stops with the intended ValueError before anything is written
-# -----------------------------------------------------------------------------
-def _binary(shape, p=0.1, seed=0):
-    return np.random.default_rng(seed).random(shape) < p
+def test_sg_packets_demo_scores_its_importance_maps(tmp_path):
+    metrics = sg.main(["--demo", "packets", "--out", str(tmp_path), "--n-train", "256", "--n-test", "64", "--n-gen",
+                       "128", "--iters", "2", "--d-features", "4", "--g-features", "4", "--neurons", "8", "--window",
+                       "16", "--group", "4", "--importance", "16", "--pattern", "4", "--shuffles", "1", "--threads", "1"])
+    scores = metrics["importance"]
+    assert len(scores["time_profile"]) == 16 and len(scores["neuron_profile"]) == 8 and (tmp_path / "figures" /
+                                                                                          "importance.png").exists()
+    assert all(math.isfinite(scores[k]) for k in ("inside_over_outside", "per_spike_inside_over_outside", "template_r"))
 
 
-def _always_on():
-    x = _binary((300, 4, 8))
-    x[:, 2] = True
-    return x
-
-
-SG_BAD_DATA = [
-    ("counts.npy", lambda: np.full((300, 4, 8), 2),
-     r"expected binary spikes \(0 or 1 in every bin\), found the values \[2\]"),
-    ("nan.npy", lambda: np.where(np.eye(8)[None].repeat(300, 0) > 0, np.nan, 0.0), "found 2400 NaN or inf values"),
-    ("4d.npy", lambda: np.zeros((10, 4, 8, 2)), r"\(trials, neurons, bins\) or \(time, neurons\) array, found shape"),
-    ("empty.npy", lambda: np.zeros((0, 4, 8)), r"non-empty .* found shape \(0, 4, 8\)"),
-    ("silent.npy", lambda: np.zeros((300, 4, 8)), r"expected some spikes, found none"),
-    ("always.npy", _always_on, r"found neurons \[2\] spiking in every bin"),
-    ("full.npy", lambda: np.ones((300, 4, 8)), r"found neurons \[0, 1, 2, 3\] spiking in every bin"),
-    ("few.npy", lambda: _binary((20, 4, 8)), r"at least 128 training and 16 held-out samples, found 16 and 4"),
-    ("odd_bins.npy", lambda: _binary((300, 4, 6)), r"multiple of 2\^layers = 4, found 6"),
-    ("transposed.npy", lambda: _binary((8, 5000)), r"transpose it"),
-    ("late_spikes.npy", lambda: np.concatenate([np.zeros((5000, 4)), _binary((1000, 4), 0.3)]), "training part"),
+BAD = [  # bad --data content (file, array, message), or bad settings (flags, None, message): one clear line, no output
+    ("counts.npy", np.full((300, 4, 8), 2), r"binary spikes \(0 or 1 in every bin\), found the values \[2\]"),
+    ("nan.npy", np.where(np.eye(8)[None].repeat(300, 0) > 0, np.nan, 0.0), "found 2400 NaN or inf values"),
+    ("4d.npy", np.zeros((10, 4, 8, 2)), r"\(trials, neurons, bins\) or \(time, neurons\) array, found shape"),
+    ("empty.npy", np.zeros((0, 4, 8)), r"non-empty .* found shape \(0, 4, 8\)"),
+    ("silent.npy", np.zeros((300, 4, 8)), r"expected some spikes, found none"),
+    ("always.npy", (np.arange(4)[:, None] == 2) | (np.arange(300 * 4 * 8).reshape(300, 4, 8) % 3 == 0),
+     r"found neurons \[2\] spiking in every bin"),
+    ("few.npy", np.arange(20 * 4 * 8).reshape(20, 4, 8) % 3 == 0, r"at least 128 training and 16 .* found 16 and 4"),
+    ("odd.npy", np.arange(300 * 4 * 6).reshape(300, 4, 6) % 3 == 0, r"multiple of 2\^layers = 4, found 6"),
+    ("wide.npy", np.arange(8 * 5000).reshape(8, 5000) % 3 == 0, r"transpose it"),
+    ("late.npy", np.arange(6000 * 4).reshape(6000, 4) % 3 * np.arange(6000)[:, None] > 10 ** 4, "training part"),
+    ("key.npz", None, r"expected an array named 'spikes', found \['counts'\]"),
+    (["--kernel", "4"], None, "--kernel must be odd"), (["--rate", "0.7"], None, "must be <= 2/3"),
+    (["--window", "30"], None, r"multiple of 2\^layers"), (["--importance", "3"], None, "not a setting of --demo"),
+    (["--demo", "packets", "--packet-prob", "1"], None, "--packet-prob must be < 1"),
 ]
 
 
-@pytest.mark.parametrize("fname, make, match", SG_BAD_DATA, ids=[b[0] for b in SG_BAD_DATA])
-def test_sg_bad_data_raises_the_intended_value_error_before_output(tmp_path, fname, make, match):
-    np.save(tmp_path / fname, make())
-    out = tmp_path / "out"
-    with pytest.raises(ValueError, match=match) as e:
-        sg.main(["--data", str(tmp_path / fname), "--out", str(out), "--quick", "--window", "32"])
-    assert str(tmp_path / fname) in str(e.value)                        # the message names the file
-    assert not out.exists()
-
-
-def test_sg_bad_data_files_and_keys(tmp_path):
-    out = tmp_path / "out"
-    np.savez(tmp_path / "y.npz", counts=_binary((300, 4, 8)))
-    with pytest.raises(ValueError, match=r"expected an array named 'spikes', found \['counts'\]"):
-        sg.main(["--data", str(tmp_path / "y.npz"), "--out", str(out), "--quick"])
-    (tmp_path / "x.txt").write_text("0 1 0\n")
-    with pytest.raises(ValueError, match=r"expected a \.npy file or a \.npz archive .* found a file with the ext"):
-        sg.main(["--data", str(tmp_path / "x.txt"), "--out", str(out), "--quick"])
-    (tmp_path / "bad.npz").write_bytes(b"not a zip archive")
-    with pytest.raises(ValueError, match=r"bad\.npz: expected a \.npy file or a \.npz archive"):
-        sg.main(["--data", str(tmp_path / "bad.npz"), "--out", str(out), "--quick"])
+@pytest.mark.parametrize("name, content, match", BAD, ids=[str(b[0]) for b in BAD])
+def test_sg_bad_input_stops_with_one_clear_line_before_any_output(tmp_path, capsys, name, content, match):
+    out, path = tmp_path / "out", str(tmp_path / str(name))
+    if isinstance(name, list):
+        with pytest.raises(SystemExit) as e:
+            sg.main([*name, "--out", str(out)])
+        assert e.value.code == 2 and re.search(match, capsys.readouterr().err)
+    else:
+        np.savez(path, counts=np.ones(3)) if content is None else np.save(path, content)
+        with pytest.raises(ValueError, match=match) as e:
+            sg.main(["--data", path, "--out", str(out), "--quick", "--window", "32"])
+        assert path in str(e.value)
     assert not out.exists()

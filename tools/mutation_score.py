@@ -17,7 +17,9 @@ import copy
 import json
 import os
 import random
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -114,11 +116,15 @@ def mutants(path, names):
 
 
 def run_tests(workdir, cmd, timeout):
+    """Exit status of the test command in workdir, or "timeout" (the whole process group is then killed)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", MPLBACKEND="Agg")
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
-        r = subprocess.run(cmd, shell=True, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-        return r.returncode
+        return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         return "timeout"
 
 
@@ -142,15 +148,15 @@ def main():
         for ln, old, new in ms:
             print(f"  {ln}: {new.strip()}")
         return
-    cmd = f"{sys.executable} -m pytest -x -q -p no:cacheprovider {a.tests}"
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *shlex.split(a.tests)]
     work = tempfile.mkdtemp(prefix="mutation-")
     try:
         shutil.copytree(root, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
             ".git", ".venv", "venv", "runs", "__pycache__", ".pytest_cache", "*.pt"))
         t0 = time.time()
         if run_tests(work, cmd, a.timeout) != 0:
-            sys.exit(f"the unmutated tests do not pass: {cmd}")
-        print(f"unmutated tests pass in {time.time() - t0:.0f} s: {cmd}")
+            sys.exit(f"the unmutated tests do not pass: {shlex.join(cmd)}")
+        print(f"unmutated tests pass in {time.time() - t0:.0f} s: {shlex.join(cmd)}")
         original = open(os.path.join(root, a.file), encoding="utf-8").read().split("\n")
         results = []
         for i, (ln, old, new) in enumerate(ms, 1):
