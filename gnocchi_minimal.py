@@ -801,76 +801,69 @@ def load_data(cfg):
 
 
 # =====================================================================================================================
-# Part III, plumbing: the same block in the three files of this project (checks, CLI, seed and device, own-data
-# files, atomic outputs, main). Standard Python from here on.
+# Part III, plumbing: the same block in the three files (checks, CLI, seed, device, --data files, outputs, main)
 # =====================================================================================================================
 def check(ok, message, error=ValueError):
-    """The one validator: raise `error` (ValueError: bad input; FloatingPointError: a diverged loss) unless ok."""
+    """The one validator: raise error(message) unless ok (ValueError: bad input; FloatingPointError: divergence)."""
     if not ok:
         raise error(message)
 
 
 class Progress:
-    """One live line per training loop: step, the values given, elapsed seconds and the time left."""
+    """One live line per training loop: step, values, elapsed seconds and the time left."""
 
     def __init__(self, name, total):
         self.name, self.total, self.t0 = name, total, time.time()
 
     def __call__(self, step, **values):
         if step % max(1, self.total // 20) == 0 or step == self.total:
-            el = time.time() - self.t0
-            print(f"\r  [{self.name}] step {step}/{self.total} " + " ".join(f"{k} {v:.4g}" for k, v in values.items())
-                  + f" | {el:.0f} s, {el / step * (self.total - step):.0f} s left",
-                  end="\n" if step == self.total else "", flush=True)
+            s, vals = time.time() - self.t0, " ".join(f"{k} {v:.4g}" for k, v in values.items())
+            print(f"\r  [{self.name}] step {step}/{self.total} {vals} | {s:.0f} s, {s / step * (self.total - step):.0f}"
+                  " s left", end="\n" if step == self.total else "", flush=True)
 
 
 def parse_args(argv=None):
-    """Command line -> Config: its defaults, then the demo's DEMOS entry (which may add fields of its own), then one
-    preset (PRESETS), then the flags given. A flag's help is the comment beside its field. A bad value exits with
-    status 2 and a message naming the flag."""
+    """Flags -> Config: defaults, then the demo's DEMOS entry (which may add fields of its own), one preset, the flags
+    given. A flag's help is the comment beside its field; a bad value exits with status 2, naming the flag."""
     core = {f.name: f.default for f in dataclasses.fields(Config) if f.name != "preset"}
-    extra = {k: v for entry in DEMOS.values() for k, v in entry.items() if k not in core}  # the demos' own fields
-    kinds = {k: type(v) for k, v in {**extra, **core}.items()}
-    choices = dict(demo=tuple(DEMOS), device=("auto", "cpu", "cuda", "mps"), **CHOICES)
+    every = {**core, **{k: v for entry in DEMOS.values() for k, v in entry.items() if k not in core}}
     notes = dict(reversed(re.findall(r"^ +(\w+)(?:: \w+ = |=)[^#\n]*# *(.*)$", open(__file__).read(), re.M)))
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for k, v in {**core, **extra}.items():
-        kind = dict(type=int, choices=(0, 1), nargs="?", const=1) if kinds[k] is bool else dict(type=kinds[k])
-        p.add_argument("--" + k.replace("_", "-"), dest=k, help=f"{notes.get(k, '')} (default {v!r})",
+    choices = dict(demo=list(DEMOS), device=["auto", "cpu", "cuda", "mps"], **CHOICES)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for k, v in every.items():
+        kind = dict(type=int, choices=(0, 1), nargs="?", const=1) if type(v) is bool else dict(type=type(v))
+        p.add_argument("--" + k.replace("_", "-"), help=f"{notes.get(k, '')} (default {v!r})",
                        **{**kind, **({"choices": choices[k]} if k in choices else {})})
-    presets = p.add_mutually_exclusive_group()
+    group = p.add_mutually_exclusive_group()
     for name, (_, text) in PRESETS.items():
-        presets.add_argument("--" + name, dest="preset", action="store_const", const=name, help=text)
+        group.add_argument("--" + name, dest="preset", action="store_const", const=name, help=text)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    demo = given.get("demo", core["demo"])
-    fields = {**core, **DEMOS[demo]}
-    stray = [k.replace("_", "-") for k in given if k not in fields and k != "preset"]
-    if stray:
-        p.error(f"--{stray[0]} is not a setting of --demo {demo}")
-    preset = PRESETS[given["preset"]][0] if "preset" in given else {}
-    values = {**fields, **{k: v for k, v in preset.items() if k in fields}, **given}
-    cfg = Config(**{k: kinds[k](values[k]) for k in core}, preset=given.get("preset", ""))
-    vars(cfg).update({k: kinds[k](values[k]) for k in fields if k not in core})
+    fields = {**core, **DEMOS[given.get("demo", core["demo"])]}
+    values = {**fields, **PRESETS.get(given.get("preset"), ({},))[0], **given}
+    stray = sorted(k.replace("_", "-") for k in set(given) - {*fields, "preset"})
     try:
-        for k, v in vars(cfg).items():                     # numbers: > 0, or >= 0 where 0 has a meaning
-            check(type(v) not in (int, float) or v > 0 or (v == 0 and k in ZERO_OK),
+        check(not stray, f"--{stray[0] if stray else ''} is not a setting of --demo {fields['demo']}")
+        cfg = Config(preset=given.get("preset", ""), **{k: type(every[k])(values[k]) for k in core})
+        vars(cfg).update({k: type(every[k])(values[k]) for k in fields if k not in core})
+        for k, v in vars(cfg).items():                    # every number > 0, or >= 0 where ZERO_OK allows it
+            check(type(v) not in (int, float) or v > 0 or v == 0 and k in ZERO_OK,
                   f"--{k.replace('_', '-')} must be {'>= 0' if k in ZERO_OK else '> 0'}, got {v}")
         check_config(cfg)
     except ValueError as e:
         p.error(str(e))
-    cfg.out = cfg.out or os.path.join("runs", f"{os.path.basename(__file__)[:-3]}-{'data' if cfg.data else demo}")
+    cfg.out = cfg.out or os.path.join("runs", f"{os.path.basename(__file__)[:-3]}-{'data' if cfg.data else cfg.demo}")
     return cfg
 
 
 def set_seed(seed):
-    """Seed python, numpy and torch's global CPU generator (every random draw is made on the CPU, then moved)."""
+    """Seed python, numpy and torch's CPU generator (every random draw is made on the CPU, then moved)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def get_device(name="auto"):
-    """'auto' -> cuda, else mps, else cpu; every accelerator query is gated. Returns the name."""
+    """'auto' -> cuda, else mps, else cpu (every accelerator query gated) -> the device's name."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     auto = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     check(name in ("auto", "cpu", auto), f"--device {name}: expected an available device, found none of that kind")
@@ -878,8 +871,7 @@ def get_device(name="auto"):
 
 
 def load_arrays(path):
-    """--data: a .npy file (its array is named 'spikes') or a .npz archive of named arrays, never unpickled.
-    Every failure is a ValueError naming the file, what was expected and what was found."""
+    """--data: a .npy file (its array named 'spikes') or a .npz archive of numeric arrays, never unpickled."""
     want = f"--data {path}: expected a .npy file or a .npz archive of numeric arrays (np.save / np.savez), found"
     check(os.path.isfile(path) and path.endswith((".npy", ".npz")), f"{want} " + (
         "a directory" if os.path.isdir(path) else "no such file" if not os.path.exists(path) else "another extension"))
@@ -888,15 +880,14 @@ def load_arrays(path):
         arrays = {k: obj[k] for k in obj.files} if path.endswith(".npz") else {"spikes": obj}
     except Exception as e:
         raise ValueError(f"{want} an unreadable file ({type(e).__name__}: {e})") from None
-    bad = [f"{k!r} of dtype {a.dtype}" for k, a in arrays.items() if not (np.issubdtype(a.dtype, np.number)
-                                                                          or a.dtype == bool)]
+    bad = [f"{k!r} of dtype {a.dtype}" for k, a in arrays.items() if a.dtype.kind not in "biuf"]
     check(not bad, f"{want} {', '.join(bad)}")
     return arrays
 
 
 def write_outputs(out, files):
-    """Write {path under out: content} in order, each to a temporary file renamed when complete (a killed run leaves
-    no half-written file): a dict of arrays -> .npz, a state dict -> .pt, a Figure -> .png, else -> .json."""
+    """{path under out: content} -> files, in order, each written to a temporary file and renamed when complete:
+    a dict of arrays -> .npz, a state dict -> .pt, a matplotlib Figure -> .png, anything else -> .json."""
     for name, obj in files.items():
         path = os.path.join(out, name)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -921,23 +912,20 @@ def write_outputs(out, files):
 
 
 def main(argv=None):
-    """Parse the flags, seed, pick the experiment, make or load its data (bad data stops here, before any output),
-    run it, write its outputs with metrics.json last. Returns the metrics."""
+    """Flags -> seed -> the experiment's data (bad data stops here, before any output) -> run -> outputs, metrics.json
+    last (an earlier run's is removed first). Returns the metrics."""
     cfg = parse_args(argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
     set_seed(cfg.seed)
-    cfg.device = get_device(cfg.device)
-    make_data, run = EXPERIMENTS[cfg.demo]
-    t0 = time.time()
+    cfg.device, (make_data, run), t0 = get_device(cfg.device), EXPERIMENTS[cfg.demo], time.time()
     data = load_data(cfg) if cfg.data else make_data(cfg)
     write_outputs(cfg.out, {"config.json": dict(config=vars(cfg), torch=torch.__version__, numpy=np.__version__,
                                                 python=platform.python_version(), threads=torch.get_num_threads())})
-    if os.path.exists(os.path.join(cfg.out, "metrics.json")):      # an earlier run's: only a finished run has one
+    if os.path.exists(os.path.join(cfg.out, "metrics.json")):
         os.remove(os.path.join(cfg.out, "metrics.json"))
     metrics, files = run(cfg, data)
-    files["timing.json"] = dict(files.get("timing.json", {}), total=round(time.time() - t0, 2))
-    write_outputs(cfg.out, {**files, "metrics.json": metrics})
+    timing = {**files.pop("timing.json", {}), "total": round(time.time() - t0, 2)}   # a run may time its stages
+    write_outputs(cfg.out, {**files, "timing.json": timing, "metrics.json": metrics})
     print(f"outputs in {cfg.out} ({time.time() - t0:.0f} s)")
     return metrics
 
@@ -945,5 +933,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FloatingPointError) as e:  # bad input or a diverged run: one sentence, exit status 1
+    except (ValueError, FloatingPointError) as e:                  # bad input or a diverged run: one line, status 1
         sys.exit(f"error: {e}")

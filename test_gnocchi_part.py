@@ -37,7 +37,7 @@ def test_gn_adagn_res_block_and_attention_written_out():
     h = F.group_norm(conv(F.silu(F.group_norm(x, 4)), blk.block1[2]), 4) * (1 + s_t) + b_t  # GN(h)(1 + s_t) + b_t
     h = h * (1 + s_c) + b_c                                                     # then h (1 + s_c) + b_c
     h = conv(F.silu(F.group_norm(conv(F.silu(h), blk.block2[2]), 4)), blk.block3[3]) + F.conv1d(x, blk.shortcut.weight)
-    assert torch.allclose(blk(x, temb, cemb), h, atol=1e-5)
+    assert torch.allclose(blk(x, temb, cemb), h, atol=1e-5) and gn.AuxResBlock(8, 8, 4, 0.0).norm2.num_groups == 8
     att, x = gn.AttnBlock(16, groups=8), torch.randn(3, 16, 11)
     q, k, v = (p(att.norm(x)).transpose(1, 2) for p in (att.proj_q, att.proj_k, att.proj_v))  # (B, T, C)
     assert torch.allclose(att(x), x + att.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2)), atol=1e-5)

@@ -218,16 +218,18 @@ def test_ldns_lorenz_data_recipe_vector_field_readout_and_refractory_dip():
     err = [np.abs(ldns.lorenz_rk4(x[:1], 2, 0.1, n_sub=k) - ldns.lorenz_rk4(x[:1], 2, 0.1, n_sub=512)).max() for k in
            (8, 16)]
     assert 12 < err[0] / err[1] < 20                           # fourth order: halving the step divides the error by 16
+    s = ldns.refractory_poisson(np.full((20000, 2, 2), 2.0), np.random.default_rng(0))  # no history: log(1 + lam)
+    assert abs(s[:, :, 0].mean() - math.log(3)) < 0.03 and abs(s[:, :, 1][s[:, :, 0] == 0].mean() - math.log(3)) < 0.05
     r = ldns.simulate_lorenz(100, 64, 32, np.random.default_rng(0), ldns.refractory_poisson)
     assert np.array_equal(r["rates"], ldns.simulate_lorenz(100, 64, 32, np.random.default_rng(0))["rates"])
     assert ldns.lag_ratios(r["spikes"], 2)[0] <= 0.5 < ldns.lag_ratios(d["spikes"], 2)[0]
 
 def test_ldns_normalisation_and_sampling_helpers():
     z = torch.randn(6, 3, 16) * 4 + 1
-    z[0, 0, 0] = 100.0                                         # an outlier: clamped at 5 sigma
+    z[0, 0, 0], z[0, 0, 1] = 100.0, -100.0                     # outliers: clamped at 5 sigma
     (mu, sigma, zn), flat = ldns.normalise_latents(z), z.permute(1, 0, 2).reshape(3, -1)  # (d,K,T) -> (d, K T)
     assert torch.allclose(mu[0, :, 0], flat.mean(1)) and torch.allclose(sigma[0, :, 0], flat.std(1, unbiased=True))
-    assert zn[0, 0, 0] == 5 and torch.allclose(zn[1:], ((z[1:] - mu) / sigma).clamp(-5, 5))
+    assert zn[0, 0, 0] == 5 and zn[0, 0, 1] == -5 and torch.allclose(zn[1:], ((z[1:] - mu) / sigma).clamp(-5, 5))
 
     class StubDDPM:                                            # returns the condition it was given, as latents
         def sample(self, model, shape, K, eta, m):
@@ -250,6 +252,7 @@ def test_ldns_isi_lag_ratios_group_acg_by_hand():
     s = np.zeros((1, 1, 8), dtype=np.int64)
     s[0, 0, [0, 2, 4, 6]] = 1                                  # period 2: never at lag 1, always at lag 2
     assert np.allclose(ldns.lag_ratios(s, 2), [0.0, (3 / 3) / 0.5])
+    assert np.allclose(ldns.lag_ratios(np.ones((1, 1, 12))), [1] * 10)  # the default: lags 1..10
     s, groups, acg = np.random.default_rng(0).poisson(0.8, (3, 4, 9)).astype(float), [[0, 2], [1, 3]], np.zeros((2, 3))
     rho = [sum(s[k, n, t] * s[k, n, t + l] for k, n, t in np.ndindex(3, 4, 9 - l)) /
            sum(s[:, n].mean() * s[k, n, t] for k, n, t in np.ndindex(3, 4, 9 - l)) for l in (1, 2, 3)]

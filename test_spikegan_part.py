@@ -232,8 +232,10 @@ def test_sg_dichotomized_gaussian():
     assert np.allclose([y[:, 0].mean(), y[:, 1].mean(), (y[:, 0, 0] & y[:, 0, 1]).mean()], [0.5, 0.1587, 1 / 3],
                        atol=0.01)                                        # Phi(0), Phi(-1), 1/4 + asin(0.5) / 2 pi
     x = np.zeros((50, 2, 4), bool)
-    x[:, 1] = True                                                       # a silent and an always-on neuron: clipped
-    assert torch.allclose(sg.fit_dg(x)[0], torch.special.ndtri(torch.tensor([1e-4, 1 - 1e-4], dtype=torch.float64)))
+    x[:, 1] = True                                                       # a silent and an always-on neuron: clipped,
+    gamma, A = sg.fit_dg(x)                                              # and a Lambda far from positive definite
+    assert torch.allclose(gamma, torch.special.ndtri(torch.tensor([1e-4, 1 - 1e-4], dtype=torch.float64)))
+    assert torch.allclose((A ** 2).sum(1), torch.ones(8, dtype=torch.float64))          # unit diagonal after clipping
     u = np.random.default_rng(0).standard_normal((20000, 3, 5))
     u = u[..., 1:] + 0.6 * u[..., :-1] + np.array([[0.5], [0.5], [-1.5]]) * u[:, :1, 1:]   # a DG, lags 0 and 1, rho < 0
     x = u > np.array([1.0, 0.5, 1.2])[:, None] * u.std()
