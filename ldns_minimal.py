@@ -1,4 +1,5 @@
 """LDNS minimal: Latent Diffusion for Neural Spiking data, the whole pipeline in one file.
+
 Kapoor, Schulz, Vetter, Pei, Gao, Macke, NeurIPS 2024, https://arxiv.org/abs/2407.08751; official code
 github.com/mackelab/LDNS (the files named below are in that repository).
   spikes x (B,N,T) --S4 autoencoder--> latents z (B,d,T) --latent DDPM with an S4 denoiser--> new z --pointwise
@@ -41,9 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# =====================================================================================================================
-# Part I: the Lorenz experiment (Sec. 4.1, Fig. 2), in the order of the paper
-# =====================================================================================================================
+# ==== Part I: the Lorenz experiment (Sec. 4.1, Fig. 2), in the order of the paper =====================================
 @dataclass
 class Config:
     demo: str = "lorenz"        # the experiment: lorenz | lorenz-refractory | lorenz-varlen | reach
@@ -91,17 +90,15 @@ PRESETS = {
                    dn_steps=7000, dn_batch=512, dn_lr=1e-3, sample_steps=1000, eta=1.0, n_gen=3500),
               "the official Lorenz configuration (a GPU job)"),
 }
-CHOICES = dict(condition=("angle", "velocity", "both"))
+CHOICES = {}
 ZERO_OK = ("seed", "threads", "mask_p", "beta_lat", "beta_td", "eta", "len_min", "ridge_alpha")
 DEMO_CHECKS = {}                # {demo: check(cfg)} of the Part II experiments
 
 def check_config(cfg):
     """The core's settings, then the demo's own (DEMO_CHECKS); a ValueError names the flag."""
     check(cfg.mask_p < 1, f"--mask-p must be in [0, 1), got {cfg.mask_p}")
-    check(cfg.ae_channels % cfg.d_latent == 0, f"--ae-channels ({cfg.ae_channels}) must be divisible by --d-latent "
-          f"({cfg.d_latent})")
-    check(cfg.sample_steps <= cfg.n_diffusion, f"--sample-steps must be <= --n-diffusion ({cfg.n_diffusion}), got "
-          f"{cfg.sample_steps}")
+    check(cfg.ae_channels % cfg.d_latent == 0, f"--ae-channels must be divisible by --d-latent, got {cfg.ae_channels}")
+    check(cfg.sample_steps <= cfg.n_diffusion, f"--sample-steps must be <= --n-diffusion, got {cfg.sample_steps}")
     DEMO_CHECKS.get(cfg.demo, lambda cfg: None)(cfg)
 
 # ---- Data: Lorenz latents -> softplus rates -> Poisson spikes (Sec. 4.1; ldns/data/latent_attractor.py) -------------
@@ -109,8 +106,7 @@ LORENZ_IC = np.array([-9.7869288, -15.03852, 20.533978])  # dysts' default initi
 
 def lorenz_rk4(x, n_out, dt, n_sub=10, sigma=10.0, rho=28.0, beta=2.667):
     """Integrate K Lorenz systems at once with fixed-step RK4. x (K,3) -> trajectory (K, n_out, 3), spacing dt.
-    NOTE (deviation): official integrates each trial with scipy Radau (rtol 1e-3) via dysts; RK4 with 10 substeps
-    per sample is more accurate and takes about a second for all trials."""
+    NOTE (deviation): official integrates each trial with scipy Radau (rtol 1e-3) via dysts; here 10 RK4 substeps."""
     def f(x):
         # dx/dt = sigma (y - x), dy/dt = x (rho - z) - y, dz/dt = x y - beta z (beta = 2.667 as in dysts)
         return np.stack([sigma * (x[:, 1] - x[:, 0]), x[:, 0] * (rho - x[:, 2]) - x[:, 1],
@@ -148,16 +144,14 @@ def simulate_lorenz(n_trials, T, N, rng, draw_spikes=None):
 def split_trials(data, rng):
     """70/10/20 train/val/test split of the trials (official random_split): adds index arrays to data."""
     K = len(data["spikes"])
-    perm = rng.permutation(K)
-    n_tr, n_va = int(0.7 * K), int(0.1 * K)
+    perm, n_tr, n_va = rng.permutation(K), int(0.7 * K), int(0.1 * K)
     data.update(train=perm[:n_tr], val=perm[n_tr:n_tr + n_va], test=perm[n_tr + n_va:])
     print(f"[data] {K} trials x {data['spikes'].shape[1]} neurons x {data['spikes'].shape[2]} bins; train/val/test "
           f"{n_tr}/{n_va}/{K - n_tr - n_va}; mean count {data['spikes'].mean():.3f} per bin")
     return data
 
 def simulated(simulate, *args):
-    """make_data(cfg) of a demo: simulate(n_trials, n_bins, n_neurons, rng, *args) from the demo's own seeded
-    generator, then the split."""
+    """make_data(cfg) of a demo: simulate(n_trials, n_bins, n_neurons, rng, *args), then the split (one seeded rng)."""
     def make_data(cfg):
         rng = np.random.default_rng(cfg.seed)
         return split_trials(simulate(cfg.n_trials, cfg.n_bins, cfg.n_neurons, rng, *args), rng)
@@ -184,7 +178,6 @@ class S4D(nn.Module):
     (S4D-LegS) form: same Lambda and B initialisation, P dropped. The kernel K[l] = 2 Re sum_n C_n B_bar_n A_bar_n^l
     is computed directly for any L, so a kernel of length 2L starts with the kernel of length L (official: C~ rewrite).
     All SSM parameters train with the same lr / weight decay as the rest, as in LDNS (no S4 optimiser hook)."""
-
     def __init__(self, H, d_state=64, bidirectional=True):
         super().__init__()
         n, ch = d_state // 2, 2 if bidirectional else 1
@@ -212,7 +205,7 @@ class S4D(nn.Module):
         l = torch.arange(L, device=A_bar.device)
         r_l, phi = torch.exp(log_A.real[..., None] * l), log_A.imag[..., None] * l  # (H,n,L): A_bar^l=r_l e^{i phi}
         CB = torch.view_as_complex(self.C) * B_bar                                      # (ch,H,n)
-        # 2 Re(CB A_bar^l) in real arithmetic (2x faster on CPU than complex exp)
+        # 2 Re(CB A_bar^l) in real arithmetic (on CPU cheaper than a complex exp)
         return 2 * (torch.einsum("chn,hnl->chl", CB.real, r_l * torch.cos(phi))
                     - torch.einsum("chn,hnl->chl", CB.imag, r_l * torch.sin(phi)))       # (ch,H,L)
 
@@ -226,23 +219,16 @@ class S4D(nn.Module):
         return y + self.D[:, None] * u
 
 class Conv1x1(nn.Conv1d):
-    """Pointwise (kernel-size 1) convolution over (B,C,T), computed as a matmul (faster than the conv on CPU)."""
-
-    def __init__(self, c_in, c_out, bias=True):
-        super().__init__(c_in, c_out, 1, bias=bias)
-
+    """Conv1d(c_in, c_out, 1) over (B,C,T), computed as a matmul (faster than the conv on CPU)."""
     def forward(self, x):                                      # (B,C_in,T) -> (B,C_out,T)
         y = torch.einsum("oc,bct->bot", self.weight[..., 0], x)
         return y if self.bias is None else y + self.bias[:, None]
 
-def instance_norm(h):
-    """Normalise each (sample, channel) over time, no affine (InstanceNorm1d, eps 1e-5). (B,C,T) -> (B,C,T)."""
-    return F.instance_norm(h, eps=1e-5)
+instance_norm = F.instance_norm  # each (sample, channel) over time, no affine (InstanceNorm1d, eps 1e-5). (B,C,T)
 
 # ---- Autoencoder (Sec. 3.1; blocks.AutoEncoder, losses.py): S4 encoder -> z -> pointwise decoder -> rates -----------
 class AEBlock(nn.Module):
-    """Pre-norm residual block: h += s * GELU(S4(IN(h)(1+g1)+b1)) + c;  h += W2 GELU(W1 (IN(h)(1+g2)+b2)).
-    A subclass may set a causal S4 kernel and norm (Part II, variable length)."""
+    """Pre-norm residual block: h += s * GELU(S4(IN(h)(1+g1)+b1)) + c;  h += W2 GELU(W1 (IN(h)(1+g2)+b2))."""
     bidirectional, norm = True, staticmethod(instance_norm)
 
     def __init__(self, C, d_state):
@@ -250,7 +236,7 @@ class AEBlock(nn.Module):
         self.ada = nn.Parameter(torch.zeros(1, 6 * C, 1))      # (shift, scale, gate) x 2, zero init; gates unused
         self.s4 = S4D(C, d_state, self.bidirectional)
         self.post_tm_scale = nn.Conv1d(C, C, 1, groups=C)      # depthwise per-channel scale s and bias c
-        self.mlp = nn.Sequential(Conv1x1(C, 2 * C, bias=False), nn.GELU(), Conv1x1(2 * C, C, bias=False))
+        self.mlp = nn.Sequential(Conv1x1(C, 2 * C, 1, bias=False), nn.GELU(), Conv1x1(2 * C, C, 1, bias=False))
 
     def forward(self, h):                                      # h (B,C,T)
         sh1, sc1, _, sh2, sc2, _ = self.ada.chunk(6, dim=1)    # each (1,C,1)
@@ -264,10 +250,10 @@ class AutoEncoder(nn.Module):
 
     def __init__(self, N, C, d, n_blocks, d_state):
         super().__init__()
-        self.conv_in = Conv1x1(N, C)
+        self.conv_in = Conv1x1(N, C, 1)
         self.blocks = nn.ModuleList([self.block(C, d_state) for _ in range(n_blocks)])
         self.bottleneck = nn.Conv1d(C, d, 1, groups=d)         # each latent reads its own C/d channels
-        self.decoder = nn.Sequential(nn.Conv1d(d, C, 1, groups=d), nn.GELU(), Conv1x1(C, N), nn.Softplus())
+        self.decoder = nn.Sequential(nn.Conv1d(d, C, 1, groups=d), nn.GELU(), Conv1x1(C, N, 1), nn.Softplus())
 
     def encode(self, x):                                       # x (B,N,T) -> z (B,d,T)
         h = self.conv_in(x)                                    # (B,C,T)
@@ -275,12 +261,9 @@ class AutoEncoder(nn.Module):
             h = blk(h)
         return self.bottleneck(h)
 
-    def decode(self, z):                                       # z (B,d,T) -> rates (B,N,T)
-        return self.decoder(z)
-
-    def forward(self, x):
+    def forward(self, x):                                      # x (B,N,T) -> rates (B,N,T), z (B,d,T)
         z = self.encode(x)
-        return self.decode(z), z
+        return self.decoder(z), z
 
 def latent_regulariser(z, beta_lat, beta_td, n_spike_entries, K=5):
     """beta_lat sum z^2 + beta_td sum_{i=1..K} 1/(1+i) sum (z_t - z_{t+i})^2, divided by B*N*T (spike entries)."""
@@ -292,13 +275,14 @@ def coordinated_dropout(x, p):
     M = (torch.rand(x.shape).to(x.device) >= p).float()
     return x * M / (1 - p), M
 
-def ae_loss(ae, x, cfg):
-    """Coordinated dropout (train_autoencoder_Lorenz.ipynb, ldns/losses.py): the Poisson NLL (full, with the Stirling
-    term) on the dropped entries only, averaged over ALL B*N*T entries, plus the latent regulariser."""
+def ae_loss(ae, x, cfg, m=1.0):
+    """Coordinated dropout (train_autoencoder_Lorenz.ipynb, ldns/losses.py): the full Poisson NLL on the dropped
+    entries only, averaged over ALL B*N*T entries, plus the latent regulariser. Part II: the NLL times the padding
+    mask m (B,1,T) of variable-length trials (train_autoencoder_human.ipynb; the regulariser sees the whole window)."""
     x_in, M = coordinated_dropout(x, cfg.mask_p)
     rates, z = ae(x_in)
     nll = F.poisson_nll_loss(rates, x, log_input=False, full=True, eps=1e-8, reduction="none")  # (B,N,T)
-    return ((1 - M) * nll).mean() + latent_regulariser(z, cfg.beta_lat, cfg.beta_td, x.numel())
+    return ((1 - M) * m * nll).mean() + latent_regulariser(z, cfg.beta_lat, cfg.beta_td, x.numel())
 
 # ---- Latent diffusion (Sec. 3.2; blocks.Denoiser, diffusers DDPMScheduler and EMAModel) ----------------------------
 def timestep_embedding(t, dim=256):
@@ -310,14 +294,13 @@ def timestep_embedding(t, dim=256):
 class DenoiserBlock(nn.Module):
     """adaLN-Zero (DiT) block: (sh1,sc1,g1,sh2,sc2,g2) = Linear(GELU(e)), zero-init so the block starts as identity.
     h += g1 GELU(S4_bi(norm(h)(1+sc1)+sh1));  h += g2 MLP(norm(h)(1+sc2)+sh2), MLP with biases."""
-
     def __init__(self, C, d_state):
         super().__init__()
         self.ada = nn.Linear(C // 4, 6 * C)
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
         self.s4 = S4D(C, d_state, bidirectional=True)           # official denoisers are always bidirectional
-        self.mlp = nn.Sequential(Conv1x1(C, 2 * C), nn.GELU(), Conv1x1(2 * C, C))
+        self.mlp = nn.Sequential(Conv1x1(C, 2 * C, 1), nn.GELU(), Conv1x1(2 * C, C, 1))
 
     def forward(self, h, e, norm=instance_norm):               # h (B,C,T), e (B,C/4)
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.gelu(e))[..., None].chunk(6, dim=1)  # (B,6C,1) -> 6 x (B,C,1)
@@ -325,24 +308,21 @@ class DenoiserBlock(nn.Module):
         return h + g2 * self.mlp(norm(h) * (1 + sc2) + sh2)
 
 class Denoiser(nn.Module):
-    """eps_theta(z_t, t) (blocks.Denoiser): Conv1x1(C_in -> C) -> adaLN-Zero blocks -> Conv1x1(C -> C_in), of which
-    the first d output channels are kept; no U-Net, no attention. Time: sinusoidal(256) -> Linear(256, C/4) -> SiLU
-    -> Linear(C/4, C/4) = e. C_in = d + d_extra: Part II concatenates extra input channels (a padding mask, velocity
-    traces) to z_t. The 1x1 convolutions are grouped (each input channel feeds its own C/C_in hidden channels) when
-    C_in divides C, as official."""
+    """eps_theta(z_t, t) (blocks.Denoiser): Conv1x1(C_in -> C) -> adaLN-Zero blocks -> Conv1x1(C -> C_in), first d
+    outputs kept; no U-Net, no attention. e = Linear(SiLU(Linear(sinusoidal_256(t)))), C/4 wide. C_in = d + d_extra
+    (Part II: mask or velocity channels); the 1x1 convs are grouped by input channel when C_in divides C (official)."""
+    d_extra = 0
 
-    def __init__(self, d, C, n_blocks, d_state, d_extra=0):
+    def __init__(self, d, C, n_blocks, d_state):
         super().__init__()
-        self.d, C_in = d, d + d_extra
+        self.d, C_in = d, d + self.d_extra
         g = C_in if (C % C_in == 0 and C > C_in) else 1
         self.conv_in = nn.Conv1d(C_in, C, 1, groups=g)
         self.t_mlp = nn.Sequential(nn.Linear(256, C // 4), nn.SiLU(), nn.Linear(C // 4, C // 4))
         self.blocks = nn.ModuleList([DenoiserBlock(C, d_state) for _ in range(n_blocks)])
         # NOTE (deviation): DiT's final adaLN modulation (no norm), zero-init: h (1 + sc_f(t)) + sh_f(t) before
-        # conv_out. The InstanceNorm blocks cannot see a channel's per-trial time-mean, so it reaches the output
-        # only through the conv_in -> conv_out path, which official LDNS gives a t-independent gain; its error at
-        # high noise is amplified by 1/sqrt(abar) in sampling and freezes into per-trial latent offsets in short
-        # training runs. A t-dependent gain removes this failure.
+        # conv_out. The InstanceNorm blocks hide a channel's per-trial time-mean; official LDNS passes it only via
+        # conv_in -> conv_out, t-independently; its error at high noise (x 1/sqrt(abar)) freezes into per-trial offsets.
         self.ada_out = nn.Linear(C // 4, 2 * C)
         nn.init.zeros_(self.ada_out.weight)
         nn.init.zeros_(self.ada_out.bias)
@@ -362,7 +342,6 @@ class Denoiser(nn.Module):
 class DDPM(nn.Module):
     """Ho et al. 2020: beta_t linear in [1e-4, 0.02] over 1000 steps, eps-prediction, MSE loss (Alg. 1), ancestral
     sampling (Alg. 2) with sigma_t^2 = beta_tilde_t ("fixed_small"). Schedules are buffers (move with .to(device))."""
-
     def __init__(self, n_steps=1000):
         super().__init__()
         s = 1000 / n_steps  # NOTE (deviation) if n_steps != 1000: linear schedule rescaled as in Nichol & Dhariwal
@@ -376,16 +355,14 @@ class DDPM(nn.Module):
         return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
     def predict_noise(self, model, x0, **cond):
-        """Alg. 1, lines 2-4: t ~ U{0..T-1} per sample, eps ~ N(0,I), x_t = q_sample(x0, t, eps).
-        -> (eps_theta(x_t, t, cond), eps), each (B,d,T)."""
+        """Alg. 1, lines 2-4: t ~ U{0..T-1}, eps ~ N(0,I), x_t = q_sample(x0, t, eps) -> (eps_theta(x_t, t), eps)."""
         t = torch.randint(0, len(self.beta), (len(x0),)).to(x0.device)
         eps = torch.randn(x0.shape).to(x0.device)
         return model(self.q_sample(x0, t, eps), t, **cond), eps
 
     def loss(self, model, x0, **cond):
         """Alg. 1: || eps - eps_theta(x_t, t) ||^2, averaged over the latent entries."""
-        eps_hat, eps = self.predict_noise(model, x0, **cond)
-        return F.mse_loss(eps_hat, eps)
+        return F.mse_loss(*self.predict_noise(model, x0, **cond))  # (eps_hat, eps)
 
     @staticmethod
     def p_step(xt, eps_hat, ab, ab_prev, eta):
@@ -396,30 +373,21 @@ class DDPM(nn.Module):
         var = eta ** 2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
         return ab_prev.sqrt() * x0_hat + (1 - ab_prev - var).clamp(min=0).sqrt() * eps_hat, var
 
-    def respaced(self, K):
-        """K evenly spaced timesteps from 0 to T-1 and their abar (Nichol & Dhariwal 2021, respacing). K = T: all."""
-        ts = torch.linspace(0, len(self.beta) - 1, K).round().long().unique()
-        return ts, self.alpha_bar[ts]
-
     @torch.no_grad()
     def sample(self, model, shape, K, eta, **cond):
-        """Start from x_T ~ N(0,I) and step through the K respaced timesteps (K = 1000, eta = 1: official sampler);
-        cond (Part II conditions) is given to the model at every step.
-        NOTE (deviation, demo default): fewer steps than 1000, correctly respaced (diffusers 0.3.0's strided
-        sampler is wrong)."""
-        ts, abar = self.respaced(K)
-        x = torch.randn(shape).to(self.beta.device)
+        """From x_T ~ N(0,I) through the K respaced timesteps (K = 1000, eta = 1: official), cond (Part II) at every
+        step. NOTE (deviation, demo default): fewer steps, correctly respaced (diffusers 0.3.0's strided is wrong)."""
+        ts = torch.linspace(0, len(self.beta) - 1, K).round().long().unique()  # respacing (Nichol & Dhariwal 2021)
+        abar, x = self.alpha_bar[ts], torch.randn(shape).to(self.beta.device)
         for i in reversed(range(len(ts))):
             ab, ab_prev = abar[i], abar[i - 1] if i > 0 else torch.ones((), device=x.device)
-            eps_hat = model(x, ts[i].expand(shape[0]).to(x.device), **cond)
-            mean, var = self.p_step(x, eps_hat, ab, ab_prev, eta)
+            mean, var = self.p_step(x, model(x, ts[i].expand(shape[0]).to(x.device), **cond), ab, ab_prev, eta)
             x = mean + var.sqrt() * torch.randn(x.shape).to(x.device) if i > 0 else mean  # no noise at the end
         return x
 
 class EMA:
     """Exponential moving average of the weights (diffusers EMAModel defaults): decay_k = 0 for k <= 1, else
     min(0.9999, 1 - k^(-2/3)); the averaged copy is used for sampling. Buffers are copied from the live model."""
-
     def __init__(self, model):
         self.model, self.k = copy.deepcopy(model).eval().requires_grad_(False), 0
 
@@ -438,19 +406,15 @@ def warmup_cosine(k, steps):
     linear warmup over the first 5% of the steps (official: 10 of 200 AE epochs, 50 of 1000 denoiser epochs), then
     0.5 (1 + cos(pi progress)) with the horizon at 1.3x the real step count, so the lr ends at ~13% of its peak."""
     warm, horizon = max(1, steps // 20), 1.3 * steps
-    if k < warm:
-        return k / warm
-    return 0.5 * (1 + math.cos(math.pi * (k - warm) / (horizon - warm)))
+    return k / warm if k < warm else 0.5 * (1 + math.cos(math.pi * (k - warm) / (horizon - warm)))
 
 def train_loop(model, loss_fn, n_items, *, steps, batch, lr, clip, name, ema=None):
     """AdamW(lr, weight decay 0.01), grad-norm clipping, warmup_cosine, shuffled epochs over n_items training items.
     loss_fn(idx) returns the loss of the items idx; the EMA, if given, is updated after every step."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    progress, perm, pos = Progress(name, steps), torch.randperm(n_items), 0
-    batch = min(batch, n_items)
+    progress, perm, pos, batch = Progress(name, steps), torch.randperm(n_items), 0, min(batch, n_items)
     for step in range(1, steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = lr * warmup_cosine(step - 1, steps)
+        opt.param_groups[0]["lr"] = lr * warmup_cosine(step - 1, steps)  # the one parameter group
         if pos + batch > n_items:
             perm, pos = torch.randperm(n_items), 0
         loss = loss_fn(perm[pos:pos + batch])
@@ -472,23 +436,18 @@ def batched(fn, x, bs=256):
     """Apply fn to x in chunks along dim 0 (bounded memory)."""
     return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)])
 
-def train_autoencoder(cfg, data, AE=AutoEncoder, loss=ae_loss, **loss_args):
-    """Stage 1 (train_autoencoder_Lorenz.ipynb): the AE on the training trials, clip 2.0; loss(ae, x, cfg, **args)
-    with loss_args per training trial (Part II). Then every trial is encoded and decoded (no dropout).
-    -> spikes x (K,N,T), the AE (eval mode), latents z (K,d,T), rates (K,N,T)."""
-    if cfg.preset == "paper" and cfg.device == "cpu":
-        print(f"WARNING: --paper is the official scale ({cfg.n_trials} trials x {cfg.n_bins} bins, AE {cfg.ae_steps} "
-              f"steps and denoiser {cfg.dn_steps} steps of batch {cfg.ae_batch}, {cfg.n_gen} trials x "
-              f"{cfg.sample_steps} sampler steps): days on a CPU, hours on one GPU. Use --device cuda.")
+def train_autoencoder(cfg, data, AE=AutoEncoder, **loss_args):
+    """Stage 1 (train_autoencoder_Lorenz.ipynb): the AE on the training trials, clip 2.0, ae_loss with loss_args per
+    trial (Part II); then every trial encoded and decoded. -> spikes x, AE (eval), latents z (K,d,T), rates (K,N,T)."""
     x = torch.tensor(data["spikes"], dtype=torch.float32).to(cfg.device)  # (K,N,T)
     x_tr = x[data["train"]]
     ae = AE(x.shape[1], cfg.ae_channels, cfg.d_latent, cfg.ae_blocks, cfg.d_state).to(cfg.device)
     print(f"[autoencoder] {type(ae).__name__}, {sum(p.numel() for p in ae.parameters()):,} parameters")
-    train_loop(ae, lambda idx: loss(ae, x_tr[idx], cfg, **{k: v[idx] for k, v in loss_args.items()}), len(x_tr),
+    train_loop(ae, lambda idx: ae_loss(ae, x_tr[idx], cfg, **{k: v[idx] for k, v in loss_args.items()}), len(x_tr),
                steps=cfg.ae_steps, batch=cfg.ae_batch, lr=cfg.ae_lr, clip=2.0, name="AE")
     ae.eval()
     z = batched(ae.encode, x)                                  # (K,d,T)
-    return x, ae, z, batched(ae.decode, z)
+    return x, ae, z, batched(ae.decoder, z)
 
 def normalise_latents(z_tr):
     """Latent normalisation (official LatentDataset): per-channel mean and unbiased std over training trials and
@@ -497,9 +456,8 @@ def normalise_latents(z_tr):
     return mu, sigma, ((z_tr - mu) / sigma).clamp(-5, 5)
 
 def train_denoiser(cfg, zn_tr, dn, loss=DDPM.loss, name="DDPM", **cond_tr):
-    """Stage 2 (train_diffusion_Lorenz.ipynb): the denoiser dn on the normalised training latents zn_tr (K,d,T),
-    clip 1.0, EMA of the weights. loss(ddpm, dn, x0, **cond): Alg. 1 or a Part II variant; cond_tr: conditions
-    per training trial. -> (ddpm, EMA denoiser)."""
+    """Stage 2 (train_diffusion_Lorenz.ipynb): the denoiser dn on the normalised training latents zn_tr (K,d,T), clip
+    1.0, EMA; loss(ddpm, dn, x0, **cond): Alg. 1 or a Part II variant, cond_tr per trial. -> (ddpm, EMA denoiser)."""
     ddpm, ema = DDPM(cfg.n_diffusion).to(zn_tr.device), EMA(dn)
     print(f"[diffusion] {name}: denoiser {sum(p.numel() for p in dn.parameters()):,} parameters")
     train_loop(dn, lambda idx: loss(ddpm, dn, zn_tr[idx], **{k: v[idx] for k, v in cond_tr.items()}), len(zn_tr),
@@ -509,8 +467,7 @@ def train_denoiser(cfg, zn_tr, dn, loss=DDPM.loss, name="DDPM", **cond_tr):
 # ---- Sampling: noise -> DDPM -> un-normalise -> decode -> Poisson ---------------------------------------------------
 @torch.no_grad()
 def sample_latents(cfg, ddpm, dn, mu, sigma, n, T, chunk=700, **cond):
-    """n latent trials of T bins: z~ from the sampler (in chunks; every condition in cond (n,...) is split with
-    them), then un-normalised z = z~ sigma + mu. -> (n,d,T)"""
+    """n latent trials (n,d,T) of T bins, z = z~ sigma + mu, z~ from the sampler in chunks (cond (n,...) alike)."""
     z = torch.cat([ddpm.sample(dn, (min(chunk, n - i), cfg.d_latent, T), cfg.sample_steps, cfg.eta,
                                **{k: v[i:i + chunk] for k, v in cond.items()}) for i in range(0, n, chunk)])
     return z * sigma + mu
@@ -519,15 +476,14 @@ def sample_latents(cfg, ddpm, dn, mu, sigma, n, T, chunk=700, **cond):
 def sample_trials(cfg, ddpm, dn, ae, mu, sigma, n, T, **cond):
     """n trials: latents (sample_latents), rates = decode(z), spikes ~ Poisson(rates). -> z (n,d,T), rates, spikes."""
     z = sample_latents(cfg, ddpm, dn, mu, sigma, n, T, **cond)
-    rates = batched(ae.decode, z)                              # (n,N,T)
+    rates = batched(ae.decoder, z)                              # (n,N,T)
     return dict(z=z, rates=rates, spikes=torch.poisson(rates.cpu()))
 
 def generate(cfg, ddpm, dn, ae, mu, sigma, T):
     """cfg.n_gen new trials of T bins, plus cfg.n_long latent trials at 16x the training length (z_long)."""
     print(f"[sampling] {cfg.n_gen} trials, {cfg.sample_steps} steps (eta {cfg.eta}) + {cfg.n_long} at {16 * T} bins")
-    gen = sample_trials(cfg, ddpm, dn, ae, mu, sigma, cfg.n_gen, T)
-    gen["z_long"] = sample_latents(cfg, ddpm, dn, mu, sigma, cfg.n_long, 16 * T)
-    return gen
+    return {**sample_trials(cfg, ddpm, dn, ae, mu, sigma, cfg.n_gen, T),
+            "z_long": sample_latents(cfg, ddpm, dn, mu, sigma, cfg.n_long, 16 * T)}
 
 # ---- Evaluation (eval_utils.py, plotting_diffusion_Lorenz.ipynb): PSC, correlations, ISIs, latents -----------------
 def isi_stats(s):
@@ -577,9 +533,8 @@ def kde_on_grid(x, grid):
 def compare(model, data):
     """Model vs data statistics (eval_utils.py): KL(model||data) of the PSC KDEs on the shared grid 0..max, Pearson r
     of the KDE densities; r and RMSE over unique neuron pairs of the correlations and over neurons of the mean rate,
-    mean ISI and std ISI. NOTE (choice): KDE densities floored at 1e-12 so the KL stays finite when a sample's counts
-    leave the data's range; correlation RMSE over unique pairs (official divides by all N^2 entries incl. the zeroed
-    upper triangle)."""
+    mean ISI and std ISI. NOTE (choice): KDE densities floored at 1e-12 (a finite KL when counts leave the data's
+    range); correlation RMSE over unique pairs (official divides by all N^2 entries incl. the zeroed upper triangle)."""
     def r_rmse(a, b):                                          # Pearson r and RMSE over the finite entries
         ok = np.isfinite(a) & np.isfinite(b)
         return (float(np.corrcoef(a[ok], b[ok])[0, 1]) if ok.sum() > 2 else float("nan"),
@@ -588,9 +543,8 @@ def compare(model, data):
     p, q = kde_on_grid(model["psc"], grid), kde_on_grid(data["psc"], grid)
     il = np.tril_indices(len(data["rate"]), -1)               # unique pairs i > j
     out = dict(kl_psc=float(np.sum(p * np.log(np.maximum(p, 1e-12) / np.maximum(q, 1e-12)))), r_psc=r_rmse(p, q)[0])
-    out["r_corr"], out["rmse_corr"] = r_rmse(model["corr"][il], data["corr"][il])
-    for k in ("rate", "mean_isi", "std_isi"):
-        out[f"r_{k}"], out[f"rmse_{k}"] = r_rmse(model[k], data[k])
+    for k in ("corr", "rate", "mean_isi", "std_isi"):          # correlations: over the unique pairs only
+        out[f"r_{k}"], out[f"rmse_{k}"] = r_rmse(*(st[k][il] if k == "corr" else st[k] for st in (model, data)))
     return out
 
 def compare_rows(rows):
@@ -626,24 +580,18 @@ def as_counts(s):
     return s.cpu().numpy().astype(np.int64)
 
 def evaluate(data, x, z_all, rates_hat, gen):
-    """Every metric of the run, from the samples it generated: the comparison rows against the real (training)
-    trials, the AE on test trials, latent recovery. -> (metrics, arrays for the figures)."""
+    """The comparison rows vs the real (training) trials, the AE on test trials, latent recovery. -> (metrics, stats)"""
     print("[evaluation]")
     tr, te = data["train"], data["test"]
     real, gen_s = data["spikes"][tr], as_counts(gen["spikes"])
-    ae_rec = as_counts(torch.poisson(rates_hat[tr].cpu()))
-    res = {"data/n_real": len(real), "data/n_generated": len(gen_s), "data/mean_count": float(real.mean())}
-    rows, st_real, st_gen = comparison_rows(real, gen_s, ae_rec)
-    res.update(rows)
-    res["ae/test_poisson_nll"] = float(F.poisson_nll_loss(rates_hat[te], x[te], log_input=False, full=True))
-    if "rates" in data:
+    rows, st_real, st_gen = comparison_rows(real, gen_s, as_counts(torch.poisson(rates_hat[tr].cpu())))
+    res = {"data/n_real": len(real), "data/n_generated": len(gen_s), "data/mean_count": float(real.mean()), **rows,
+           "ae/test_poisson_nll": float(F.poisson_nll_loss(rates_hat[te], x[te], log_input=False, full=True))}
+    if "latents" in data:                                      # simulated data: true rates and latents are known
         res["ae/test_rate_mse"] = float(((rates_hat[te].cpu().numpy() - data["rates"][te]) ** 2).mean())
-    z_np = z_all.cpu().numpy()
-    if "latents" in data:
-        res["ae/latent_r2"] = latent_r2(*(bins_as_rows(a) for a in (z_np[tr], data["latents"][tr], z_np[te],
-                                                                    data["latents"][te])))
-    return res, dict(st_real=st_real, st_gen=st_gen, z_gen=gen["z"].cpu().numpy(), z_long=gen["z_long"].cpu().numpy(),
-                     rates_hat=rates_hat.cpu().numpy(), z_ae=z_np[te], z_train=z_np[tr])
+        z, lat = z_all.cpu().numpy(), data["latents"]
+        res["ae/latent_r2"] = latent_r2(*(bins_as_rows(a) for a in (z[tr], lat[tr], z[te], lat[te])))
+    return res, st_real, st_gen
 
 # ---- The experiment: run_lorenz(cfg, data) -> (metrics, files) -----------------------------------------------------
 def lorenz_models(cfg, data):
@@ -657,21 +605,18 @@ def run_lorenz(cfg, data):
     """Fig. 2: the AE, the latent DDPM, cfg.n_gen new trials, their statistics against the real trials."""
     x, ae, z_all, rates_hat, mu, sigma, ddpm, dn = lorenz_models(cfg, data)
     gen = generate(cfg, ddpm, dn, ae, mu, sigma, x.shape[-1])  # 3) new trials
-    res, run = evaluate(data, x, z_all, rates_hat, gen)  # 4) statistics vs the real trials
-    return res, run_files(data, gen, ae, dn, mu, sigma, lorenz_figures(data, run, res))
+    res, st_real, st_gen = evaluate(data, x, z_all, rates_hat, gen)  # 4) statistics vs the real trials
+    return res, run_files(data, gen, ae, dn, mu, sigma, lorenz_figures(data, gen, z_all, res, st_real, st_gen))
 
 def run_files(data, gen, ae, dn, mu, sigma, figures, **samples):
-    """The figures, samples.npz (real = training trials, generated, any further samples), ae.pt and denoiser.pt
-    (with the latent normalisation)."""
+    """The figures, samples.npz (real = training trials, generated, ...), ae.pt, denoiser.pt (with mu, sigma)."""
     return {**figures, "samples.npz": dict(real=data["spikes"][data["train"]], generated=as_counts(gen["spikes"]),
                                            **samples),
             "ae.pt": ae.state_dict(), "denoiser.pt": {**dn.state_dict(), "latent_mu": mu, "latent_sigma": sigma}}
 
 EXPERIMENTS = {"lorenz": (simulated(simulate_lorenz), run_lorenz)}
 
-# =====================================================================================================================
-# Part II: the paper's other experiments, one section each
-# =====================================================================================================================
+# ==== Part II: the paper's other experiments, one section each ========================================================
 # ---- Spike history (Sec. 3.3; train_spike_history_monkey.ipynb): --demo lorenz-refractory --------------------------
 DEMOS["lorenz-refractory"] = dict(
     ae_steps=400,               # (override) the GLM needs accurate AE rates
@@ -702,18 +647,15 @@ class SpikeHistoryGLM(nn.Module):
     """Per-neuron autoregressive Poisson GLM with a softplus link, no coupling between neurons:
     r_{n,t} = softplus( sum_{k=1..H} w_{n,k} s_{n,t-k} + w_{n,H+1} log lambda_{n,t} + w_{n,H+2} ), lambda the latent
     model's rate. LDNS's decoder is pointwise in time, so this adds single-neuron dynamics such as refractoriness."""
-
     def __init__(self, N, H=20):
         super().__init__()
-        self.H = H
-        self.w = nn.Parameter(torch.randn(N, H + 2))           # (N, H+2): history, log-rate gain, bias; N(0,1) init
+        self.H, self.w = H, nn.Parameter(torch.randn(N, H + 2))  # w (N, H+2): history, log-rate gain, bias; N(0,1)
 
     def design(self, s, log_lam):
         """Regressors of bins t = H..T-1: s, log_lam (B,N,T) -> X (N, B(T-H), H+2), rows [s_{t-1..t-H}, log lam_t, 1]"""
-        B, N, T = s.shape
         past = s.unfold(-1, self.H, 1)[..., :-1, :].flip(-1)   # (B,N,T-H,H): [..., k-1] = s_{t-k}
         X = torch.cat([past, log_lam[..., self.H:, None], torch.ones_like(past[..., :1])], -1)  # (B,N,T-H,H+2)
-        return X.permute(1, 0, 2, 3).reshape(N, -1, self.H + 2)  # (N,B,T-H,H+2) -> (N, B(T-H), H+2)
+        return X.permute(1, 0, 2, 3).reshape(s.shape[1], -1, self.H + 2)  # (N,B,T-H,H+2) -> (N, B(T-H), H+2)
 
     def forward(self, X):
         """Teacher-forced rates r = softplus(X w) per neuron: X (N,M,H+2) -> (N,M)."""
@@ -723,10 +665,9 @@ class SpikeHistoryGLM(nn.Module):
     def sample(self, lam, cap=5):
         """From a zero history, bin by bin: r_t = softplus(hist . w_:H + w_H log lambda_t + w_H+1),
         s_t = min(Poisson(r_t), cap). lam (B,N,T) -> spikes (B,N,T); one loop over time."""
-        B, N, T = lam.shape
         H, log_lam = self.H, lam.clamp(min=1e-8).log()        # NOTE (choice): floor so that log(0) stays finite
-        hist, out = torch.zeros(B, N, H, device=lam.device), []  # hist[..., k-1] = s_{t-k}
-        for t in range(T):
+        hist, out = lam.new_zeros(*lam.shape[:2], H), []       # (B,N,H): hist[..., k-1] = s_{t-k}
+        for t in range(lam.shape[-1]):
             r = F.softplus((hist * self.w[:, :H]).sum(-1) + self.w[:, H] * log_lam[..., t] + self.w[:, H + 1])
             s_t = torch.poisson(r.cpu()).clamp(max=cap).to(lam.device)  # (B,N)
             hist = torch.cat([s_t[..., None], hist[..., :-1]], -1)  # s_t becomes s_{(t+1)-1}
@@ -735,11 +676,9 @@ class SpikeHistoryGLM(nn.Module):
 
 def fit_spike_history(cfg, s_tr, lam_tr):
     """Stage 3, after the AE and the denoiser (both frozen): targets are training spikes capped at sh_cap, lambda
-    the AE rates of the same trials; the first H bins serve only as history. Full-batch AdamW(lr 0.1, weight decay
-    0.01) on the Poisson NLL. s_tr, lam_tr (K,N,T). NOTE (deviation): fitted on at most sh_trials training trials
-    (official: all), so the CPU fit takes seconds; that still leaves >10^4 bins per neuron for its H + 2 weights."""
-    H = cfg.sh_bins
-    s, lam = s_tr[:cfg.sh_trials].clamp(max=cfg.sh_cap), lam_tr[:cfg.sh_trials]
+    the AE rates of the same trials; the first H bins serve only as history. Full-batch AdamW on the Poisson NLL.
+    s_tr, lam_tr (K,N,T). NOTE (deviation): fitted on at most sh_trials training trials (official: all of them)."""
+    H, s, lam = cfg.sh_bins, s_tr[:cfg.sh_trials].clamp(max=cfg.sh_cap), lam_tr[:cfg.sh_trials]
     glm = SpikeHistoryGLM(s.shape[1], H).to(s.device)
     X = glm.design(s, lam.clamp(min=1e-8).log())               # (N, M, H+2)
     y = s[..., H:].permute(1, 0, 2).reshape(s.shape[1], -1)    # (B,N,T-H) -> (N,B,T-H) -> (N, M) targets
@@ -755,9 +694,8 @@ def fit_spike_history(cfg, s_tr, lam_tr):
     return glm.eval()
 
 def lag_ratios(s, L=10):
-    """rho_l = P(spike at t+l | spike at t) / P(spike), l = 1..L, pooled over neurons and trials:
-    rho_l = sum_n sum_{k,t} s_{n,t} s_{n,t+l} / sum_n p_n sum_{k,t} s_{n,t}, p_n the neuron's mean count per bin
-    (1 for a Poisson process with a constant rate, < 1 for refractoriness). s (K,N,T) -> (L,)"""
+    """rho_l = P(spike at t+l | spike at t) / P(spike) = sum_n sum_{k,t} s_{n,t} s_{n,t+l} / sum_n p_n sum_{k,t} s_{n,t}
+    for l = 1..L, p_n the neuron's mean count per bin (1: Poisson, constant rate; < 1: refractory). s (K,N,T) -> (L,)"""
     s = s.astype(np.float64)
     p = s.mean((0, 2))                                         # (N,)
     return np.array([(s[..., :-l] * s[..., l:]).sum() / (p * s[..., :-l].sum((0, 2))).sum() for l in range(1, L + 1)])
@@ -773,33 +711,30 @@ def autocorrelogram_metrics(real, plain, sh, corr, L=10):
     """Lag ratios and group autocorrelograms of the data, LDNS alone and LDNS + spike history; relative errors of
     rho_1, rho_2. Groups (official): neurons sorted by sum_j corr_ij^2 of the data (diagonal zeroed), cut into 4.
     NOTE (choice): descending order, most correlated neurons first."""
-    c2, res = np.nan_to_num(corr) ** 2, {}
+    c2 = np.nan_to_num(corr) ** 2
     np.fill_diagonal(c2, 0)
-    groups = np.array_split(np.argsort(-c2.sum(1)), 4)
+    groups, res = np.array_split(np.argsort(-c2.sum(1)), 4), {}
     for name, s in (("data", real), ("ldns", plain), ("ldns_sh", sh)):
-        rho = lag_ratios(s, L)
-        res.update({f"acg/{name}/lag_ratio": rho.tolist(), f"acg/{name}/lag1_ratio": float(rho[0]),
-                    f"acg/{name}/group_acg": group_acg(s.astype(np.float64), groups, L).tolist(),
-                    f"acg/{name}/lag2_ratio": float(rho[1])})
-    for name in ("ldns", "ldns_sh"):
-        for lag in (1, 2):
+        rho, p = lag_ratios(s, L), f"acg/{name}/"
+        res.update({p + "lag_ratio": rho.tolist(), p + "lag1_ratio": float(rho[0]), p + "lag2_ratio": float(rho[1]),
+                    p + "group_acg": group_acg(s.astype(np.float64), groups, L).tolist()})
+        for lag in (1, 2) if name != "data" else ():           # |rho_l - rho_l(data)| / rho_l(data)
             ref = res[f"acg/data/lag{lag}_ratio"]
-            res[f"acg/{name}/lag{lag}_rel_error"] = abs(res[f"acg/{name}/lag{lag}_ratio"] - ref) / ref
+            res[f"{p}lag{lag}_rel_error"] = abs(res[f"{p}lag{lag}_ratio"] - ref) / ref
     return res
 
 def run_refractory(cfg, data):
-    """The Lorenz pipeline with the spike-history GLM fitted after the denoiser: new trials get their rates from
-    LDNS and their spikes from the GLM; evaluated also as LDNS alone (Poisson) and by autocorrelograms."""
+    """LDNS rates, spike-history GLM spikes (fit after the denoiser); scored also as LDNS alone; autocorrelograms."""
     x, ae, z_all, rates_hat, mu, sigma, ddpm, dn = lorenz_models(cfg, data)
     tr = data["train"]
     glm = fit_spike_history(cfg, x[tr], rates_hat[tr])         # 3) the spike-history observation model
     gen = generate(cfg, ddpm, dn, ae, mu, sigma, x.shape[-1])
     gen["spikes_plain"], gen["spikes"] = gen["spikes"], glm.sample(gen["rates"], cfg.sh_cap).cpu()
-    res, run = evaluate(data, x, z_all, rates_hat, gen)
-    plain, st_real = as_counts(gen["spikes_plain"]), run["st_real"]
+    res, st_real, st_gen = evaluate(data, x, z_all, rates_hat, gen)
+    plain = as_counts(gen["spikes_plain"])
     res.update(compare_rows({"plain_vs_real": (spike_stats(plain), st_real)}))
     res.update(autocorrelogram_metrics(data["spikes"][tr], plain, as_counts(gen["spikes"]), st_real["corr"]))
-    figures = {**lorenz_figures(data, run, res, "LDNS + spike history"), **acg_figure(res)}
+    figures = {**lorenz_figures(data, gen, z_all, res, st_real, st_gen, "LDNS + spike history"), **acg_figure(res)}
     return res, run_files(data, gen, ae, dn, mu, sigma, figures, generated_plain=plain)
 
 EXPERIMENTS["lorenz-refractory"] = (simulated(simulate_lorenz, refractory_poisson), run_refractory)  # Lorenz rates
@@ -855,14 +790,6 @@ class CausalAutoEncoder(AutoEncoder):
     """The official variable-length AE: causal blocks, a pointwise decoder; the end padding cannot reach valid bins."""
     block = CausalAEBlock
 
-def masked_ae_loss(ae, x, cfg, m):
-    """ae_loss with the Poisson term also times the padding mask m (B,1,T), still averaged over all entries, as in
-    train_autoencoder_human.ipynb; the regulariser covers the whole window (not masked there either)."""
-    x_in, M = coordinated_dropout(x, cfg.mask_p)
-    rates, z = ae(x_in)
-    nll = F.poisson_nll_loss(rates, x, log_input=False, full=True, eps=1e-8, reduction="none")  # (B,N,T)
-    return ((1 - M) * m * nll).mean() + latent_regulariser(z, cfg.beta_lat, cfg.beta_td, x.numel())
-
 def masked_moments(h, m, dims):
     """Mean and (biased) variance of h over the valid bins (m = 1) along dims: mu = sum m h / sum m,
     var = sum m (h - mu)^2 / sum m (official LatentHumanDataset for the latent statistics). -> each keepdim."""
@@ -880,19 +807,16 @@ def centre_pad(z, lengths):
 
 def crop_centred(x, lengths):
     """Inverse of centre_pad: the centred valid segment of x moved to the front, zeros after. x (B,C,T) -> (B,C,T)."""
-    B, C, T = x.shape
-    t, left = torch.arange(T, device=x.device), (T - lengths) // 2
-    src = (t[None] + left[:, None]).clamp(max=T - 1)           # (B,T) source bin
-    return x.gather(-1, src[:, None].expand(B, C, T)) * valid_mask(lengths, T)  # (B,T) -> (B,1,T) -> (B,C,T)
+    T = x.shape[-1]
+    src = (torch.arange(T, device=x.device)[None] + ((T - lengths) // 2)[:, None]).clamp(max=T - 1)  # (B,T) source
+    return x.gather(-1, src[:, None].expand(x.shape)) * valid_mask(lengths, T)  # (B,T) -> (B,1,T) -> (B,C,T)
 
 class MaskedDenoiser(Denoiser):
     """The centred padding mask m (B,1,T) as an extra input channel (train_diffusion_human.ipynb, C_in = d + 1), and
     blocks that normalise over its valid bins only: m (h - mu) / sqrt(var + 1e-5), mu, var = masked_moments.
     NOTE (deviation): official feeds the mask channel only and normalises over the whole window; the loss ignores
     the padding, so the sampler leaves unconstrained values there, which a whole-window norm carries inside."""
-
-    def __init__(self, d, C, n_blocks, d_state):
-        super().__init__(d, C, n_blocks, d_state, d_extra=1)
+    d_extra = 1
 
     def forward(self, z, t, m):
         def masked_instance_norm(h):                           # (B,C,T), padded bins set to 0
@@ -909,102 +833,83 @@ def masked_diffusion_loss(ddpm, model, x0, m):
 
 @torch.no_grad()
 def sample_at_lengths(cfg, ddpm, dn, ae, mu, sigma, lengths, T):
-    """Trials of exactly the requested lengths (official sample_spikes_with_mask): the sampler with the centred mask
-    at every step, z = z~ sigma + mu, decode the whole window (pointwise in time), crop, Poisson. lengths (n,) ->
-    z (n,d,T) centred, rates and spikes (n,N,T) end-padded, and the lengths read off the rates: 1 + the last bin with
-    a rate > 0 (softplus rates are > 0 on every valid bin, the crop leaves exact zeros after)."""
+    """Trials of the requested lengths (n,) (official sample_spikes_with_mask): the sampler with the centred mask at
+    every step, z~ sigma + mu, decode the window, crop. -> z (n,d,T) centred, rates and spikes (n,N,T) end-padded."""
     z = sample_latents(cfg, ddpm, dn, mu, sigma, len(lengths), T, m=valid_mask(lengths, T, centred=True))
-    rates = crop_centred(batched(ae.decode, z), lengths)       # (n,N,T): l_i valid bins, zeros after
-    t = torch.arange(1, T + 1, device=rates.device)
-    return dict(z=z, rates=rates, spikes=torch.poisson(rates.cpu()), lengths=lengths,
-                lengths_generated=torch.where((rates > 0).any(1), t, 0).max(1).values)  # (n,T) -> (n,)
+    rates = crop_centred(batched(ae.decoder, z), lengths)       # (n,N,T): l_i valid bins, zeros after
+    return dict(z=z, rates=rates, spikes=torch.poisson(rates.cpu()), lengths=lengths)
 
 def length_buckets(len_min, len_max, n_buckets):
     """n_buckets contiguous integer length ranges [lo, hi] of (nearly) equal width covering len_min..len_max."""
     edges = np.linspace(len_min, len_max + 1, n_buckets + 1).round().astype(int)
     return [(int(lo), int(hi) - 1) for lo, hi in zip(edges[:-1], edges[1:])]
 
-def evaluate_varlen(cfg, data, x, rates_hat, z_all, gen):
-    """evaluate on valid bins only: the comparison rows for all lengths pooled and per length bucket (prefix
-    len_<lo>-<hi>/, trials assigned by their length), the generated trials whose length differs from the requested
-    one, the AE on test trials, latent recovery. -> (metrics, arrays for the figures)"""
-    tr, te, T = data["train"], data["test"], x.shape[-1]
-    len_r, len_te, len_g = data["lengths"][tr], data["lengths"][te], gen["lengths_generated"].cpu().numpy()
-    m = valid_mask(torch.tensor(data["lengths"]).to(x.device), T)  # (K,1,T)
+def evaluate_varlen(cfg, data, rates_hat, gen, m):
+    """The comparison rows on the valid bins (mask m (K,1,T)) only, for all lengths pooled and per length bucket
+    (prefix len_<lo>-<hi>/, trials assigned by their length). -> (metrics, stats of the real and generated trials)"""
+    tr, T = data["train"], m.shape[-1]
+    len_r, len_g = data["lengths"][tr], gen["lengths"].cpu().numpy()
     real, gen_s = data["spikes"][tr], as_counts(gen["spikes"])
     ae_rec = as_counts(torch.poisson((rates_hat[tr] * m[tr]).cpu()))
-
-    def rows_in(lo, hi):
+    res, st_real, st_gen = comparison_rows(real, gen_s, ae_rec, len_r, len_g)  # all lengths pooled
+    res.update({"data/n_real": len(real), "data/n_generated": len(gen_s),
+                "data/mean_count": float(bins_as_rows(real, len_r).mean())})
+    for lo, hi in length_buckets(cfg.len_min, T, cfg.n_buckets):  # the trials of lengths lo..hi
         r, g = np.nonzero((len_r >= lo) & (len_r <= hi))[0], np.nonzero((len_g >= lo) & (len_g <= hi))[0]
-        rows = comparison_rows(real[r], gen_s[g], ae_rec[r], len_r[r], len_g[g])
-        return rows, dict(n_real=len(r), n_generated=len(g))
-    (res, st_real, st_gen), _ = rows_in(cfg.len_min, T)        # all lengths
-    for lo, hi in length_buckets(cfg.len_min, T, cfg.n_buckets):
-        (rows, _, _), counts = rows_in(lo, hi)
-        res.update({f"len_{lo}-{hi}/{k}": v for k, v in {**counts, **rows}.items()})
-    res.update({"data/n_real": len(real), "data/n_generated": len(gen_s), "data/mean_count": float(bins_as_rows(
-        real, len_r).mean()), "lengths/n_wrong_length": int((len_g != gen["lengths"].cpu().numpy()).sum())})
-    nll = F.poisson_nll_loss(rates_hat[te], x[te], log_input=False, full=True, reduction="none")  # (K_te,N,T)
-    res["ae/test_poisson_nll"] = float((nll * m[te]).sum() / (m[te].sum() * x.shape[1]))
-    err = bins_as_rows(rates_hat.cpu().numpy()[te], len_te) - bins_as_rows(data["rates"][te], len_te)  # (bins, N)
-    res["ae/test_rate_mse"] = float((err ** 2).mean())
-    z_np, lat = z_all.cpu().numpy(), data["latents"]
-    res["ae/latent_r2"] = latent_r2(bins_as_rows(z_np[tr], len_r), bins_as_rows(lat[tr], len_r),
-                                    bins_as_rows(z_np[te], len_te), bins_as_rows(lat[te], len_te))
-    return res, dict(st_real=st_real, st_gen=st_gen, buckets=length_buckets(cfg.len_min, T, cfg.n_buckets),
-                     lengths_train=len_r, lengths_requested=gen["lengths"].cpu().numpy(), lengths_generated=len_g)
+        rows = comparison_rows(real[r], gen_s[g], ae_rec[r], len_r[r], len_g[g])[0]
+        res.update({f"len_{lo}-{hi}/{k}": v for k, v in {"n_real": len(r), "n_generated": len(g), **rows}.items()})
+    return res, st_real, st_gen
 
 def run_varlen(cfg, data):
     """Variable-length trials: the causal AE with the masked loss, masked latent statistics and centred padding, the
     masked-norm denoiser with the masked loss, sampling at requested lengths, evaluation per length bucket."""
     tr, T = data["train"], data["spikes"].shape[-1]
-    len_tr = torch.tensor(data["lengths"][tr]).to(cfg.device)  # (K_tr,)
-    m_tr = valid_mask(len_tr, T)                               # (K_tr,1,T)
-    x, ae, z_all, rates_hat = train_autoencoder(cfg, data, CausalAutoEncoder, masked_ae_loss, m=m_tr)
-    mu, var = masked_moments(z_all[tr], m_tr, (0, 2))          # (1,d,1): per channel over all valid bins
+    lengths = torch.tensor(data["lengths"]).to(cfg.device)     # (K,)
+    m = valid_mask(lengths, T)                                 # (K,1,T)
+    x, ae, z_all, rates_hat = train_autoencoder(cfg, data, CausalAutoEncoder, m=m[tr])
+    mu, var = masked_moments(z_all[tr], m[tr], (0, 2))         # (1,d,1): per channel over all valid bins
     sigma = var.sqrt()
-    zn_tr, mc_tr = centre_pad((z_all[tr] - mu) / sigma, len_tr)  # the denoiser's training set, centred
+    zn_tr, mc_tr = centre_pad((z_all[tr] - mu) / sigma, lengths[tr])  # the denoiser's training set, centred
     dn = MaskedDenoiser(cfg.d_latent, cfg.dn_channels, cfg.dn_blocks, cfg.d_state).to(cfg.device)
     ddpm, dn = train_denoiser(cfg, zn_tr, dn, masked_diffusion_loss, m=mc_tr)
-    req = len_tr[torch.randint(len(len_tr), (cfg.n_gen,)).to(len_tr.device)]  # (n,) from the training lengths
-    fixed = torch.linspace(cfg.len_min, T, 4).round().long().to(len_tr.device)  # four lengths for the figure
+    req = lengths[tr][torch.randint(len(tr), (cfg.n_gen,)).to(cfg.device)]  # (n,) from the training lengths
+    fixed = torch.linspace(cfg.len_min, T, 4).round().long().to(cfg.device)  # four lengths for the figure
     print(f"[sampling] {cfg.n_gen} + 4 trials at requested lengths, {cfg.sample_steps} steps (eta {cfg.eta})")
     gen = sample_at_lengths(cfg, ddpm, dn, ae, mu, sigma, req, T)
     fixed_spikes = sample_at_lengths(cfg, ddpm, dn, ae, mu, sigma, fixed, T)["spikes"].cpu().numpy()
-    res, run = evaluate_varlen(cfg, data, x, rates_hat, z_all, gen)
-    figures = {**data_figures(data, rates_hat.cpu().numpy(), res), **stats_figure(run["st_real"], run["st_gen"],
-               res, "LDNS"), **varlen_figure(run, res, fixed_spikes, fixed.cpu().numpy())}
-    return res, run_files(data, gen, ae, dn, mu, sigma, figures, lengths_real=data["lengths"][tr],
-                          lengths_generated=run["lengths_generated"])
+    res, st_real, st_gen = evaluate_varlen(cfg, data, rates_hat, gen, m)
+    te, z, lat = data["test"], z_all.cpu().numpy(), data["latents"]  # the AE on the valid bins of the test trials
+    len_tr, len_te = data["lengths"][tr], data["lengths"][te]
+    nll = F.poisson_nll_loss(rates_hat[te], x[te], log_input=False, full=True, reduction="none")  # (K_te,N,T)
+    err = bins_as_rows(rates_hat.cpu().numpy()[te], len_te) - bins_as_rows(data["rates"][te], len_te)  # (bins, N)
+    rows = [bins_as_rows(a, n) for a, n in ((z[tr], len_tr), (lat[tr], len_tr), (z[te], len_te), (lat[te], len_te))]
+    res.update({"ae/test_poisson_nll": float((nll * m[te]).sum() / (m[te].sum() * x.shape[1])),
+                "ae/test_rate_mse": float((err ** 2).mean()), "ae/latent_r2": latent_r2(*rows)})
+    figures = {**stats_figure(st_real, st_gen, res, "LDNS"), **varlen_figure(fixed_spikes, fixed.cpu().numpy())}
+    return res, run_files(data, gen, ae, dn, mu, sigma, figures, lengths_real=len_tr,
+                          lengths_generated=req.cpu().numpy())
 
 EXPERIMENTS["lorenz-varlen"] = (make_varlen_data, run_varlen)
 
 # ---- Conditional generation on synthetic reaches (Sec. 4.4; train_and_plot_diffusion_monkey_*_conditioned) ---------
 # NOTE (deviation): the monkey recipes train a causal AE (d 16, p 0.5, beta_lat 0.001, beta_td 0.2) and denoisers of
-# 256 channels x 6 blocks for 2000 epochs of batch 512; here the Lorenz AE recipe and denoisers of 64 channels x 2
-# blocks for 1000 steps of batch 64.
+# 256 channels x 6 blocks, 2000 epochs of batch 512; here the Lorenz AE and 64 x 2 denoisers, 1000 steps of batch 64.
 DEMOS["reach"] = dict(
     ae_steps=400, dn_blocks=2, dn_steps=1000,  # (overrides of core settings)
     dn_smooth_l1=0.05,          # SmoothL1 beta of the conditional denoisers' loss, official monkey 0.05
-    condition="both",           # angle | velocity | both: which conditional denoisers are trained
     angle_bin=50,               # bin at which the reach angle theta = atan2(v_y, v_x) is read, official 50
     n_angles=8,                 # requested reach directions in the evaluation, evenly spaced in [-pi, pi)
     n_per_angle=32,             # samples per requested direction
     n_vel=128,                  # held-out velocity traces to condition on (at most the test trials)
     ridge_alpha=1e-6,           # ridge penalty of the behaviour decoder, official Ridge(alpha=1e-6)
 )
-REACH_BIN_S = 0.01              # bin width in seconds: velocities in m/s, positions in m
-REACH_ONSET = (0.15, 0.30)      # movement onset, a fraction of the trial length, uniform in this range
-REACH_DURATION = (0.30, 0.55)   # movement duration, a fraction of the trial length, uniform in this range
-REACH_DISTANCE = (0.08, 0.12)   # reach distance in m, uniform in this range
-REACH_V_REF = 0.35              # m/s, a typical peak speed: the unit of the velocity tuning
-
-def reach_angle_bins(T):
-    """The bins at which every reach is moving (onset at most 0.30 T, end at least 0.45 T): [lo, hi]."""
-    return math.floor(REACH_ONSET[1] * T) + 1, math.ceil((REACH_ONSET[0] + REACH_DURATION[0]) * T) - 1
+REACH_BIN_S, REACH_V_REF = 0.01, 0.35  # bin width in s (velocities in m/s, positions in m); m/s, the tuning's unit
+REACH_ONSET, REACH_DURATION = (0.15, 0.30), (0.30, 0.55)  # movement onset and duration, fractions of the trial length
+REACH_DISTANCE = (0.08, 0.12)   # reach distance in m; onset, duration and distance are uniform in these ranges
 
 def check_reach(cfg):
-    lo, hi, n_test = *reach_angle_bins(cfg.n_bins), cfg.n_trials - int(0.7 * cfg.n_trials) - int(0.1 * cfg.n_trials)
+    T, n_test = cfg.n_bins, cfg.n_trials - int(0.7 * cfg.n_trials) - int(0.1 * cfg.n_trials)
+    lo, hi = math.floor(REACH_ONSET[1] * T) + 1, math.ceil((REACH_ONSET[0] + REACH_DURATION[0]) * T) - 1  # moving
     check(not cfg.data, "--demo reach simulates its own reaching data (it needs the velocity): drop --data")
     check(lo <= cfg.angle_bin <= hi, f"--angle-bin must be in [{lo}, {hi}] for --n-bins {cfg.n_bins} (a bin inside "
           f"every reach), got {cfg.angle_bin}")
@@ -1013,26 +918,24 @@ def check_reach(cfg):
 DEMO_CHECKS["reach"] = check_reach
 
 def simulate_reach(K, T, N, rng, n_shared=3):
-    """Centre-out reaches. Per trial: angle theta ~ U[-pi, pi) (NOTE (choice): continuous directions, not a few
-    targets), distance, onset and duration uniform in the REACH_* ranges, velocity v(t) = distance s'(t) [cos theta,
-    sin theta], s the minimum-jerk profile (Flash & Hogan 1985). Per neuron: cosine velocity tuning (Moran & Schwartz
-    1999) with preferred direction u_n, depth k_n ~ U[0.7, 1.4], baseline 10-30 Hz, and weights w_n ~ N(0, 0.4^2 I)
-    on n_shared latents x(t) not explained by velocity: a 2-d rotation at 1.5-2.5 Hz and (n_shared - 2) squared-
-    exponential Gaussian processes (15 bins); Poisson counts. NOTE (deviation): the paper uses monkey MC_Maze (182
-    neurons, 140 bins of 5 ms), which cannot be downloaded here. -> spikes (K,N,T), rates, velocity (K,2,T) m/s,
-    angle (K,), shared latents (K,n_shared,T), preferred directions (N,)."""
-    theta = rng.uniform(-np.pi, np.pi, K)
-    distance = rng.uniform(*REACH_DISTANCE, K)
+    """Centre-out reaches. Per trial: angle theta ~ U[-pi, pi) (NOTE (choice): continuous, not a few targets), distance,
+    onset, duration uniform in the REACH_* ranges, v(t) = distance s'(t) [cos theta, sin theta], s the minimum-jerk
+    profile (Flash & Hogan 1985). Per neuron: cosine velocity tuning (Moran & Schwartz 1999), preferred direction u_n,
+    depth k_n ~ U[0.7, 1.4], baseline 10-30 Hz, weights w_n ~ N(0, 0.4^2 I) on n_shared latents x(t) not explained by
+    velocity (a 2-d rotation at 1.5-2.5 Hz, n_shared - 2 squared-exponential GPs of 15 bins); Poisson counts.
+    NOTE (deviation): the paper uses monkey MC_Maze (182 neurons, 140 bins of 5 ms), which cannot be downloaded here.
+    -> spikes (K,N,T), rates, velocity (K,2,T) m/s, angle (K,), shared latents (K,n_shared,T), pref. directions (N,)"""
+    t = np.arange(T)                                           # time bins
+    theta, distance = rng.uniform(-np.pi, np.pi, K), rng.uniform(*REACH_DISTANCE, K)
     onset, duration = rng.uniform(*REACH_ONSET, K) * T, rng.uniform(*REACH_DURATION, K) * T
-    tau = np.clip((np.arange(T)[None] - onset[:, None]) / duration[:, None], 0.0, 1.0)  # (K,T) movement phase
+    tau = np.clip((t[None] - onset[:, None]) / duration[:, None], 0.0, 1.0)  # (K,T) movement phase
     # s(tau) = 10 tau^3 - 15 tau^4 + 6 tau^5: speed ds/dt = 30 tau^2 (1 - tau)^2 / (duration * bin width) in m/s
     speed = distance[:, None] * (30 * tau ** 2 * (1 - tau) ** 2 / (duration[:, None] * REACH_BIN_S))  # (K,T)
     velocity = np.stack([np.cos(theta), np.sin(theta)], 1)[:, :, None] * speed[:, None, :]  # (K,2,1)(K,1,T)->(K,2,T)
     f, psi, a = rng.uniform(1.5, 2.5, K), rng.uniform(-np.pi, np.pi, K), rng.uniform(0.5, 1.5, K)
-    arg = 2 * np.pi * f[:, None] * (np.arange(T) * REACH_BIN_S)[None] + psi[:, None]  # (K,T)
+    arg = 2 * np.pi * f[:, None] * (t * REACH_BIN_S)[None] + psi[:, None]  # (K,T)
     rotation = a[:, None, None] * np.stack([np.cos(arg), np.sin(arg)], 1)    # (K,2,T)
-    lag = np.arange(T)
-    L_chol = np.linalg.cholesky(np.exp(-0.5 * ((lag[:, None] - lag[None]) / 15.0) ** 2) + 1e-6 * np.eye(T))  # (T,T)
+    L_chol = np.linalg.cholesky(np.exp(-0.5 * ((t[:, None] - t[None]) / 15.0) ** 2) + 1e-6 * np.eye(T))  # (T,T)
     gp = np.einsum("ts,ks->kt", L_chol, rng.standard_normal((K * (n_shared - 2), T)))  # (K(n_shared-2), T)
     x = np.concatenate([rotation, gp.reshape(K, n_shared - 2, T)], 1)        # (K(n_shared-2),T) -> (K,n_shared,T)
     phi = rng.uniform(-np.pi, np.pi, N)
@@ -1040,9 +943,8 @@ def simulate_reach(K, T, N, rng, n_shared=3):
     b = np.log(rng.uniform(10.0, 30.0, N) * REACH_BIN_S)                       # log(rate in Hz x bin width)
     w = 0.4 * rng.standard_normal((N, n_shared))
     # log lambda_n(t) = b_n + k_n (u_n . v(t)) / v_ref + w_n . x(t)
-    log_rates = (b[None, :, None] + k[None, :, None] * np.einsum("nc,kct->knt", u, velocity) / REACH_V_REF
-                 + np.einsum("nj,kjt->knt", w, x))                            # (K,N,T)
-    rates = np.exp(log_rates)
+    rates = np.exp(b[None, :, None] + k[None, :, None] * np.einsum("nc,kct->knt", u, velocity) / REACH_V_REF
+                   + np.einsum("nj,kjt->knt", w, x))                          # (K,N,T)
     return dict(spikes=rng.poisson(rates), rates=rates.astype(np.float32), velocity=velocity.astype(np.float32),
                 angle=theta.astype(np.float32), shared=x.astype(np.float32), pref_dir=phi.astype(np.float32))
 
@@ -1055,7 +957,6 @@ def reach_condition(velocity, angle_bin):
 class ConditionalDenoiser(Denoiser):
     """Official ConditionalDenoiser: a condition c (B, d_cond) passes Linear(d_cond, C/4) -> SiLU -> Linear(C/4, C/4)
     and is ADDED to the time embedding, e = e_t + e_c, reaching every block through the zero-initialised adaLN."""
-
     def __init__(self, d, C, n_blocks, d_state, d_cond):
         super().__init__(d, C, n_blocks, d_state)
         self.c_mlp = nn.Sequential(nn.Linear(d_cond, C // 4), nn.SiLU(), nn.Linear(C // 4, C // 4))
@@ -1065,24 +966,19 @@ class ConditionalDenoiser(Denoiser):
 
 class VelocityDenoiser(Denoiser):
     """The velocity-conditioned monkey model: velocity traces v (B,2,T) as two extra input channels (C_in = d + 2)."""
-
-    def __init__(self, d, C, n_blocks, d_state):
-        super().__init__(d, C, n_blocks, d_state, d_extra=2)
+    d_extra = 2
 
     def forward(self, z, t, v):
         return self.backbone(torch.cat([z, v], 1), self.t_mlp(timestep_embedding(t)))
 
 def train_reach_denoiser(cfg, zn_tr, dn, name, **cond_tr):
-    """A monkey-recipe denoiser: conv_out x 0.1 at init; Alg. 1 with SmoothL1(beta) per entry instead of the squared
-    error. -> (ddpm, EMA denoiser)"""
+    """A monkey-recipe denoiser: conv_out x 0.1 at init, Alg. 1 with SmoothL1(beta) per entry. -> (ddpm, EMA model)"""
     dn = dn.to(cfg.device)
     with torch.no_grad():
         dn.conv_out.weight.mul_(0.1)
         dn.conv_out.bias.mul_(0.1)
-
     def smooth_l1_loss(ddpm, model, x0, **cond):
-        eps_hat, eps = ddpm.predict_noise(model, x0, **cond)
-        return F.smooth_l1_loss(eps_hat, eps, beta=cfg.dn_smooth_l1, reduction="none").mean()
+        return F.smooth_l1_loss(*ddpm.predict_noise(model, x0, **cond), beta=cfg.dn_smooth_l1, reduction="none").mean()
     return train_denoiser(cfg, zn_tr, dn, smooth_l1_loss, name, **cond_tr)
 
 def fit_ridge(X, Y, alpha):
@@ -1092,11 +988,6 @@ def fit_ridge(X, Y, alpha):
     Xc, Yc = X - x_mean, Y - y_mean
     W = np.linalg.solve(Xc.T @ Xc + alpha * np.eye(X.shape[1]), Xc.T @ Yc)
     return W, y_mean - x_mean @ W
-
-def decode_velocity(rates, W, b):
-    """The per-bin linear decoder v_hat(t) = W^T lambda(t) + b. rates (K,N,T) -> velocity (K,c,T)."""
-    V = bins_as_rows(rates.astype(np.float64)) @ W + b         # (K*T, c)
-    return V.reshape(rates.shape[0], rates.shape[2], -1).transpose(0, 2, 1)  # (K*T,c) -> (K,T,c) -> (K,c,T)
 
 def r2_score(Y, Y_hat):
     """R^2 = 1 - SSE/SST per output over all trials and bins, averaged over outputs (sklearn r2_score). (K,c,T)."""
@@ -1108,224 +999,140 @@ def trajectory(velocity):
     return np.cumsum(velocity, -1) * REACH_BIN_S
 
 def angular_error_deg(velocity, angle):
-    """|direction - angle| wrapped to [0, 180] degrees, direction = the angle of the reach's end point p(T-1).
-    NOTE (choice): the paper compares decoded and requested reaches by eye; the end point is the least noisy single
-    direction of a decoded trajectory. velocity (K,2,T), angle (K,) radians -> (K,)"""
+    """|direction - angle| wrapped to [0, 180] degrees, direction = the angle of the end point p(T-1). NOTE (choice):
+    the paper compares reaches by eye; the end point is a decoded trajectory's least noisy direction. (K,2,T), (K,)"""
     end = trajectory(velocity)[:, :, -1]                       # (K,2)
     return np.abs(np.degrees(np.angle(np.exp(1j * (np.arctan2(end[:, 1], end[:, 0]) - angle)))))
 
-def evaluate_reach(cfg, data, rates_hat, gen, v_req_trials):
-    """The paper's behaviour evaluation: a ridge decoder (official alpha) from the AE rates of the real training
-    trials to their velocity (its R^2 on held-out trials is the ceiling), applied to the angle-conditioned samples
-    (angular error of the decoded direction) and the velocity-conditioned samples (R^2 against the requested
-    held-out traces). Spike statistics: angle-conditioned samples vs the real training trials with a size-matched
-    real-vs-real floor; velocity-conditioned samples vs the held-out trials whose velocities they were given."""
-    tr, te, v = data["train"], data["test"], data["velocity"]
-    dec = fit_ridge(bins_as_rows(rates_hat[tr].astype(np.float64)), bins_as_rows(v[tr]), cfg.ridge_alpha)
-    v_dec_te = decode_velocity(rates_hat[te], *dec)
-    res = {"behaviour/decoder_r2_real_test": r2_score(v[te], v_dec_te), "behaviour/real_test_angle_error_median_deg":
-           float(np.median(angular_error_deg(v_dec_te, data["angle"][te])))}
-    real, rows, run = data["spikes"][tr], {}, dict(v_req_trials=v_req_trials)
-    if "angle" in gen:
-        run["v_dec_angle"] = decode_velocity(gen["angle"]["rates"].cpu().numpy(), *dec)  # (n,2,T)
-        err = angular_error_deg(run["v_dec_angle"], gen["angle"]["theta"].cpu().numpy())
-        res.update({"angle/n_directions": cfg.n_angles, "angle/n_samples": len(err), "angle/error_median_deg":
-                    float(np.median(err)), "angle/error_p90_deg": float(np.percentile(err, 90))})
-        s = as_counts(gen["angle"]["spikes"])
-        rows.update(angle_gen_vs_real=(spike_stats(s), spike_stats(real)),
-                    real_vs_real_size_matched=(spike_stats(real[:len(s)]), spike_stats(real[len(s):2 * len(s)])))
-    if "velocity" in gen:
-        run["v_dec_velocity"] = decode_velocity(gen["velocity"]["rates"].cpu().numpy(), *dec)  # (n,2,T)
-        r2 = r2_score(v[v_req_trials], run["v_dec_velocity"])
-        res.update({"velocity/n_traces": len(v_req_trials), "velocity/r2_decoded_vs_requested": r2,
-                    "velocity/r2_fraction_of_real_decoder": r2 / res["behaviour/decoder_r2_real_test"]})
-        rows["velocity_gen_vs_real_test"] = (spike_stats(as_counts(gen["velocity"]["spikes"])),
-                                             spike_stats(data["spikes"][v_req_trials]))
-    return {**res, **compare_rows(rows)}, run
+def evaluate_reach(cfg, data, rates_hat, gen_angle, gen_vel, v_req):
+    """Behaviour evaluation (paper): a ridge decoder (official alpha) from the AE rates of the real training trials to
+    their velocity (ceiling: its R^2 on held-out trials), applied to the angle- (angular error) and velocity-conditioned
+    samples (R^2 to the requested traces v_req); spike statistics vs real trials. -> (metrics, decoded v (n,2,T))"""
+    tr, te, v, real = data["train"], data["test"], data["velocity"], data["spikes"][data["train"]]
+    W, b = fit_ridge(bins_as_rows(rates_hat[tr].astype(np.float64)), bins_as_rows(v[tr]), cfg.ridge_alpha)
+    # the per-bin linear decoder v_hat(t) = W^T lambda(t) + b: (K*T, 2) -> (K,T,2) -> (K,2,T)
+    v_dec_te, v_dec_angle, v_dec_vel = ((bins_as_rows(r.astype(np.float64)) @ W + b).reshape(len(r), r.shape[2], 2)
+                                        .transpose(0, 2, 1) for r in (rates_hat[te], gen_angle["rates"].cpu().numpy(),
+                                                                      gen_vel["rates"].cpu().numpy()))
+    err, r2_real = angular_error_deg(v_dec_angle, gen_angle["theta"].cpu().numpy()), r2_score(v[te], v_dec_te)
+    r2, s, s_vel = r2_score(v[v_req], v_dec_vel), as_counts(gen_angle["spikes"]), as_counts(gen_vel["spikes"])
+    res = {"behaviour/decoder_r2_real_test": r2_real, "behaviour/real_test_angle_error_median_deg": float(np.median(
+           angular_error_deg(v_dec_te, data["angle"][te]))), "angle/n_directions": cfg.n_angles,
+           "angle/n_samples": len(err), "angle/error_median_deg": float(np.median(err)),
+           "angle/error_p90_deg": float(np.percentile(err, 90)), "velocity/n_traces": len(v_req),
+           "velocity/r2_decoded_vs_requested": r2, "velocity/r2_fraction_of_real_decoder": r2 / r2_real}
+    rows = dict(angle_gen_vs_real=(spike_stats(s), spike_stats(real)),
+                real_vs_real_size_matched=(spike_stats(real[:len(s)]), spike_stats(real[len(s):2 * len(s)])),
+                velocity_gen_vs_real_test=(spike_stats(s_vel), spike_stats(data["spikes"][v_req])))
+    return {**res, **compare_rows(rows)}, v_dec_angle, v_dec_vel
 
 def run_reach(cfg, data):
-    """The conditional models of Sec. 4.4 on one AE and latent normalisation: the denoisers --condition asks for
-    (angle: c = [cos theta, sin theta], theta read at angle_bin; velocity: the traces as extra channels), trials at
-    requested angles and at held-out velocity traces never used in training, the behaviour evaluation."""
-    tr, models, gen, samples = data["train"], {}, {}, {}
+    """Sec. 4.4 on one AE and latent normalisation: an angle- and a velocity-conditioned denoiser, trials at requested
+    angles and at held-out velocity traces never used in training, the behaviour evaluation."""
+    tr = data["train"]
     x, ae, z_all, rates_hat = train_autoencoder(cfg, data)
     mu, sigma, _ = normalise_latents(z_all[tr])
     zn_tr, T = (z_all[tr] - mu) / sigma, x.shape[-1]           # the monkey recipes do not clamp
     v = torch.tensor(data["velocity"]).to(cfg.device)          # (K,2,T) m/s
     v_scale = v[tr].std()  # NOTE (choice): velocity channels in units of its std (official: m/s, a similar scale)
-    size, v_req_trials = (cfg.d_latent, cfg.dn_channels, cfg.dn_blocks, cfg.d_state), data["test"][:cfg.n_vel]
-    if cfg.condition in ("angle", "both"):
-        ddpm, models["angle"] = train_reach_denoiser(cfg, zn_tr, ConditionalDenoiser(*size, d_cond=2), "DDPM-angle",
-                                                     c=reach_condition(v[tr], cfg.angle_bin))
-    if cfg.condition in ("velocity", "both"):
-        ddpm, models["velocity"] = train_reach_denoiser(cfg, zn_tr, VelocityDenoiser(*size), "DDPM-velocity",
-                                                        v=v[tr] / v_scale)
-    if "angle" in models:                                      # n_angles directions evenly spaced in [-pi, pi)
-        theta = torch.tensor(np.repeat(-np.pi + 2 * np.pi * np.arange(cfg.n_angles) / cfg.n_angles,
-                                       cfg.n_per_angle).astype(np.float32))
-        c = torch.stack([torch.cos(theta), torch.sin(theta)], 1).to(cfg.device)  # (n,2)
-        gen["angle"] = dict(sample_trials(cfg, ddpm, models["angle"], ae, mu, sigma, len(c), T, c=c), theta=theta)
-        samples.update(generated=as_counts(gen["angle"]["spikes"]), angle_requested=theta.cpu().numpy())
-    if "velocity" in models:                                   # held-out traces: never trained on
-        gen["velocity"] = sample_trials(cfg, ddpm, models["velocity"], ae, mu, sigma, len(v_req_trials), T,
-                                        v=v[v_req_trials] / v_scale)
-        samples.update(generated_velocity=as_counts(gen["velocity"]["spikes"]), velocity_requested=data["velocity"][
-            v_req_trials], velocity_requested_trials=v_req_trials)
-    res, run = evaluate_reach(cfg, data, rates_hat.cpu().numpy(), gen, v_req_trials)
-    return res, {**data_figures(data, rates_hat.cpu().numpy(), {}), **reach_figures(data, run, gen), "ae.pt":
-                 ae.state_dict(), "samples.npz": dict(real=data["spikes"][tr], generated=samples.pop(
-                     "generated", samples.get("generated_velocity")), **samples),
-                 **{f"denoiser_{k}.pt": {**m.state_dict(), "latent_mu": mu, "latent_sigma": sigma,
-                                         "velocity_scale": v_scale.reshape(1)} for k, m in models.items()}}
+    size, v_req = (cfg.d_latent, cfg.dn_channels, cfg.dn_blocks, cfg.d_state), data["test"][:cfg.n_vel]
+    ddpm, dn_angle = train_reach_denoiser(cfg, zn_tr, ConditionalDenoiser(*size, d_cond=2), "DDPM-angle",
+                                          c=reach_condition(v[tr], cfg.angle_bin))
+    ddpm, dn_vel = train_reach_denoiser(cfg, zn_tr, VelocityDenoiser(*size), "DDPM-velocity", v=v[tr] / v_scale)
+    theta = torch.tensor(np.repeat(-np.pi + 2 * np.pi * np.arange(cfg.n_angles) / cfg.n_angles,  # evenly spaced
+                                   cfg.n_per_angle).astype(np.float32))                         # in [-pi, pi)
+    c = torch.stack([torch.cos(theta), torch.sin(theta)], 1).to(cfg.device)  # (n,2)
+    gen_angle = dict(sample_trials(cfg, ddpm, dn_angle, ae, mu, sigma, len(c), T, c=c), theta=theta)
+    gen_vel = sample_trials(cfg, ddpm, dn_vel, ae, mu, sigma, len(v_req), T, v=v[v_req] / v_scale)  # held out
+    res, v_dec_angle, v_dec_vel = evaluate_reach(cfg, data, rates_hat.cpu().numpy(), gen_angle, gen_vel, v_req)
+    samples = dict(real=data["spikes"][tr], generated=as_counts(gen_angle["spikes"]), velocity_requested_trials=v_req,
+                   generated_velocity=as_counts(gen_vel["spikes"]), velocity_requested=data["velocity"][v_req],
+                   angle_requested=theta.cpu().numpy())
+    weights = {f"denoiser_{k}.pt": {**dn.state_dict(), "latent_mu": mu, "latent_sigma": sigma, "velocity_scale":
+                                    v_scale.reshape(1)} for k, dn in (("angle", dn_angle), ("velocity", dn_vel))}
+    figures = reach_figures(data, theta.cpu().numpy(), v_dec_angle, v_req, v_dec_vel)
+    return res, {**figures, "ae.pt": ae.state_dict(), "samples.npz": samples, **weights}
 
 EXPERIMENTS["reach"] = (simulated(simulate_reach), run_reach)
 
-# =====================================================================================================================
-# Part III: figures (paper Figs. 2-5, official plotting notebooks; matplotlib is imported here only) and own data
-# =====================================================================================================================
-def data_figures(data, rates_hat, res):
-    """1_data: true latents, true rates and spikes of one held-out trial; 2_ae_fit: AE rates over the spikes."""
-    from matplotlib.figure import Figure
-    ex, N = data["test"][0], data["spikes"].shape[1]
-    panels = [k for k in ("latents", "rates") if k in data] + ["spikes"]
-    fig1, fig2 = Figure(figsize=(10, 2.6 * len(panels))), Figure(figsize=(10, 6))
-    for i, k in enumerate(panels):
-        ax = fig1.add_subplot(len(panels), 1, i + 1)
-        if k == "latents":
-            ax.plot(data[k][ex].T)
-        else:
-            ax.imshow(data[k][ex], aspect="auto", cmap="Greys", interpolation="nearest")
-        ax.set(title=k, xlabel="time bin", ylabel="state" if k == "latents" else "neuron")
-    for i, n in enumerate(sorted({0, N // 4, N // 2, N - 1})):
-        ax, s = fig2.add_subplot(4, 1, i + 1), data["spikes"][ex, n]
-        ax.vlines(np.nonzero(s)[0], 0, s[s > 0], color="0.6", label="spikes")
-        ax.plot(rates_hat[ex, n], "C1", label="AE rate")
-        if "rates" in data:
-            ax.plot(data["rates"][ex, n], "k--", lw=1, label="true rate")
-        ax.set(ylabel=f"neuron {n}", xlabel="time bin")
-    ax.legend(loc="upper right", fontsize=7)
-    fig2.suptitle(f"AE on a held-out trial; test rate MSE {res.get('ae/test_rate_mse', float('nan')):.4f}")
-    return {"figures/1_data.png": fig1, "figures/2_ae_fit.png": fig2}
-
+# ==== Part III: figures (paper Figs. 2-5, official plotting notebooks; matplotlib is imported only here), own data ==
 def stats_figure(st_real, st_gen, res, label):
-    """5_stats: population spike count histogram + KDE, pairwise correlations, mean and std ISI, with Pearson r."""
+    """2_stats: population spike count histogram + KDE, pairwise correlations, mean and std ISI, with Pearson r."""
     from matplotlib.figure import Figure
     fig, il = Figure(figsize=(9, 8)), np.tril_indices(len(st_real["rate"]), -1)
-    grid, ax = np.arange(max(st_real["psc"].max(), st_gen["psc"].max()) + 1), fig.add_subplot(2, 2, 1)
+    grid = np.arange(max(st_real["psc"].max(), st_gen["psc"].max()) + 1)
+    ax = fig.add_subplot(2, 2, 1, title=f"PSC, r={res['gen_vs_real/r_psc']:.4f}", xlabel="population spike count")
     for st, col, lab in ((st_real, "k", "data"), (st_gen, "C3", label)):
         ax.hist(st["psc"], bins=50, density=True, color=col, alpha=0.25)
         ax.plot(grid, kde_on_grid(st["psc"], grid), col, label=lab)
-    ax.set(title=f"population spike count, r={res['gen_vs_real/r_psc']:.4f}", xlabel="spikes per bin")
     ax.legend()
     for i, k in enumerate(("corr", "mean_isi", "std_isi")):
-        ax = fig.add_subplot(2, 2, i + 2)
         a, b = (st_real[k][il], st_gen[k][il]) if k == "corr" else (st_real[k], st_gen[k])
+        ax = fig.add_subplot(2, 2, i + 2, title=f"{k}, r={res['gen_vs_real/r_' + k]:.4f}", xlabel="data", ylabel=label)
         ax.scatter(a, b, s=4, alpha=0.5)
-        ax.plot(*[[np.nanmin([a, b]), np.nanmax([a, b])]] * 2, "k--", lw=0.8)
-        ax.set(title=f"{k}, r={res['gen_vs_real/r_' + k]:.4f}", xlabel="data", ylabel=label)
-    return {"figures/5_stats.png": fig}
+        ax.plot(*[[np.nanmin([a, b]), np.nanmax([a, b])]] * 2, "k--", lw=0.8)   # the identity line
+    return {"figures/2_stats.png": fig}
 
-def lorenz_figures(data, run, res, label="LDNS"):
-    """Fig. 2: 1_data, 2_ae_fit, 3_latents_3d (AE latents, samples and a 16x-length sample in Lorenz coordinates
-    through the latent-recovery map; own data: three latent channels), 4_latent_psd (median and 25-75% band per
-    channel, AE vs diffusion), 5_stats."""
+def lorenz_figures(data, gen, z_all, res, st_real, st_gen, label="LDNS"):
+    """Fig. 2: 1_latents_3d (AE latents of test trials, samples and a 16x-length sample in Lorenz coordinates through
+    the latent-recovery map; own data: latent channels [1, 5, 3] as official), 2_stats."""
     from matplotlib.figure import Figure
-    z_ae, z_gen, d = run["z_ae"], run["z_gen"], run["z_ae"].shape[1]
-    W, axes = np.eye(d + 1)[:, [1, 5, 3] if d >= 6 else [0, 1, 2][:d] * 3][:, :3], ("latent",) * 3  # own data
+    z_np, z_long, fig = z_all.cpu().numpy(), gen["z_long"].cpu().numpy(), Figure(figsize=(13, 4.3))
+    d, tr = z_np.shape[1], data["train"]
+    W, names = np.eye(d + 1)[:, [1, 5, 3] if d >= 6 else [i % d for i in range(3)]], ("latent",) * 3  # (d+1, 3)
     if "latents" in data:                                      # the latent-recovery map fit on the training trials
-        W, axes = affine_lstsq(bins_as_rows(run["z_train"]), bins_as_rows(data["latents"][data["train"]])), "xyz"
-    fig3, fig4 = Figure(figsize=(13, 4.3)), Figure(figsize=(3 * min(d, 4), 2.5 * math.ceil(d / 4)))
-    for i, (z, title) in enumerate([(z_ae[:8], "AE latents"), (z_gen[:8], "diffusion samples"),
-                                    (run["z_long"][:1], f"diffusion, {run['z_long'].shape[-1]} bins")]):
-        ax = fig3.add_subplot(1, 3, i + 1, projection="3d")
+        W, names = affine_lstsq(bins_as_rows(z_np[tr]), bins_as_rows(data["latents"][tr])), "xyz"
+    for i, (z, head) in enumerate([(z_np[data["test"][:8]], "AE latents"), (gen["z"][:8].cpu().numpy(),
+                                   "diffusion samples"), (z_long[:1], f"diffusion, {z_long.shape[-1]} bins")]):
+        ax = fig.add_subplot(1, 3, i + 1, projection="3d", title=head, **{f"{c}label": n for c, n in zip("xyz", names)})
         for p in np.einsum("kdt,de->ket", z, W[:-1]) + W[-1][None, :, None]:  # (K,d,T) -> (K,3,T)
             ax.plot(*p, lw=0.6)
-        ax.set(title=title, xlabel=axes[0], ylabel=axes[1], zlabel=axes[2])
-    w = np.hanning(z_ae.shape[-1])                             # Hann-windowed periodogram per trial and channel
-    for c in range(d):                                         # NOTE (choice): instead of scipy.signal.csd
-        ax = fig4.add_subplot(math.ceil(d / 4), min(d, 4), c + 1)
-        for z, col in ((z_ae, "k"), (z_gen, "C3")):
-            P = (np.abs(np.fft.rfft((z[:, c] - z[:, c].mean(-1, keepdims=True)) * w)) ** 2 / (w ** 2).sum())[:, 1:]
-            lo, med, hi = np.percentile(P, [25, 50, 75], axis=0)  # (F,) each, without the DC bin
-            f = np.arange(1, P.shape[1] + 1) / z.shape[-1]
-            ax.loglog(f, med, col, label="AE" if col == "k" else "LDNS")
-            ax.fill_between(f, lo, hi, color=col, alpha=0.2)
-        ax.set(title=f"latent {c}", xlabel="cycles per bin")
-    ax.legend(fontsize=7)
-    return {**data_figures(data, run["rates_hat"], res), "figures/3_latents_3d.png": fig3,
-            "figures/4_latent_psd.png": fig4, **stats_figure(run["st_real"], run["st_gen"], res, label)}
+    return {"figures/1_latents_3d.png": fig, **stats_figure(st_real, st_gen, res, label)}
 
 def acg_figure(res):
-    """6_autocorrelograms: lag ratios and group auto-correlograms of the data, LDNS, LDNS + spike history."""
+    """3_autocorrelograms: lag ratios and group auto-correlograms of the data, LDNS, LDNS + spike history."""
     from matplotlib.figure import Figure
     G = len(res["acg/data/group_acg"])
     fig = Figure(figsize=(3.2 * (G + 1), 3.2))
     for g in range(G + 1):
-        ax = fig.add_subplot(1, G + 1, g + 1)
+        ax = fig.add_subplot(1, G + 1, g + 1, xlabel="lag", title="lag ratio P(s_t+l | s_t) / P(s)" if g == 0 else
+                             f"group {g} auto-correlogram")
         for name, col in (("data", "k"), ("ldns", "C0"), ("ldns_sh", "C3")):
             c = res[f"acg/{name}/lag_ratio"] if g == 0 else res[f"acg/{name}/group_acg"][g - 1]
             ax.plot(range(1, len(c) + 1), c, col, marker=".", label=name)
-        ax.set(title="lag ratio P(s_t+l | s_t) / P(s)" if g == 0 else f"group {g} auto-correlogram", xlabel="lag")
     ax.legend(fontsize=7)
-    return {"figures/6_autocorrelograms.png": fig}
+    return {"figures/3_autocorrelograms.png": fig}
 
-def varlen_figure(run, res, s, lengths):
-    """6_varlen: generated trials s of four lengths (padding shaded); Pearson r per length bucket, generated vs real
-    (solid) and real vs real (dashed); histograms of training, requested and generated lengths."""
+def varlen_figure(s, lengths):
+    """3_varlen: generated trials s (K,N,T) at four requested lengths (K,), the padding shaded."""
     from matplotlib.figure import Figure
-    fig, T, buckets = Figure(figsize=(14, 7)), s.shape[-1], run["buckets"]
+    fig, T = Figure(figsize=(14, 3.5)), s.shape[-1]
     for i in range(len(s)):
-        ax = fig.add_subplot(2, len(s), i + 1)
+        ax = fig.add_subplot(1, len(s), i + 1, title=f"generated, length {lengths[i]}", xlabel="time bin")
         ax.imshow(s[i], aspect="auto", cmap="Greys", interpolation="nearest", vmax=3)
         ax.axvspan(lengths[i] - 0.5, T - 0.5, color="C0", alpha=0.15)
-        ax.set(title=f"generated, length {lengths[i]}", xlabel="time bin")
-    ax, pos = fig.add_subplot(2, 2, 3), np.arange(len(buckets))
-    for j, k in enumerate(("r_rate", "r_corr", "r_mean_isi", "r_std_isi", "r_psc")):
-        for row, style in (("gen_vs_real", "o-"), ("real_vs_real", "x--")):
-            ax.plot(pos, [res[f"len_{lo}-{hi}/{row}/{k}"] for lo, hi in buckets], style, color=f"C{j}",
-                    label=k if row == "gen_vs_real" else None)
-    ax.set_xticks(pos, [f"{lo}-{hi}" for lo, hi in buckets])
-    ax.set(title="r per length bucket: generated (solid), real vs real (dashed)", xlabel="trial length (bins)")
-    ax.legend(fontsize=8)
-    ax = fig.add_subplot(2, 2, 4)
-    for key, style in (("lengths_train", "-"), ("lengths_requested", "--"), ("lengths_generated", ":")):
-        ax.hist(run[key], bins=np.arange(T + 2) - 0.5, density=True, histtype="step", ls=style, label=key)
-    ax.set(title="trial lengths", xlabel="length (bins)")
-    ax.legend(fontsize=8)
-    return {"figures/6_varlen.png": fig}
+    return {"figures/3_varlen.png": fig}
 
-def reach_figures(data, run, gen):
-    """Paper Fig. 5: 6_reach_angle_fan (real held-out reaches and decoded angle-conditioned samples, coloured by
-    angle), 7_reach_velocity (requested vs decoded held-out trajectories and speeds), 8_reach_raster (one
-    angle-conditioned trial, neurons sorted by preferred direction)."""
+def reach_figures(data, theta, v_dec_angle, v_req, v_dec_vel):
+    """Paper Fig. 5: 1_reach_angle_fan (real held-out reaches and the decoded angle-conditioned samples, coloured by
+    angle), 2_reach_velocity (requested vs decoded trajectories and speeds of six held-out traces)."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
-    figs, te = {}, data["test"]
-    if "angle" in gen:
-        g, fig, fig8 = gen["angle"], Figure(figsize=(10, 4.6)), Figure(figsize=(10, 4.5))
-        for i, (v, angle, title) in enumerate([(data["velocity"][te], data["angle"][te], "real held-out reaches"), (
-                run["v_dec_angle"], g["theta"].cpu().numpy(), "decoded, angle-conditioned samples")]):
-            ax = fig.add_subplot(1, 2, i + 1)
-            for p, a in zip(trajectory(v), angle):
-                ax.plot(p[0], p[1], color=colormaps["hsv"]((a + np.pi) / (2 * np.pi)), lw=0.7, alpha=0.6)
-            ax.set(title=title + " (colour: angle)", xlabel="x (m)", ylabel="y (m)", aspect="equal")
-        ax = fig8.add_subplot(1, 1, 1)
-        ax.imshow(as_counts(g["spikes"][0])[np.argsort(data["pref_dir"])], aspect="auto", cmap="Greys", vmax=3)
-        ax.set(title=f"generated trial, requested angle {np.degrees(g['theta'][0].item()):.0f} deg",
-               xlabel="time bin", ylabel="neuron (by preferred direction)")
-        figs.update({"figures/6_reach_angle_fan.png": fig, "figures/8_reach_raster.png": fig8})
-    if "velocity" in gen:
-        n, fig = min(6, len(run["v_req_trials"])), Figure(figsize=(10, 4.6))
-        v_req, v_dec, ax1, ax2 = (data["velocity"][run["v_req_trials"][:n]], run["v_dec_velocity"][:n],
-                                  fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2))
-        for i, (vr, vd) in enumerate(zip(v_req, v_dec)):
-            for v, kw in ((vr, dict(lw=2.5, alpha=0.5)), (vd, dict(lw=1, ls="--"))):
-                ax1.plot(*trajectory(v), color=f"C{i}", **kw)
-                ax2.plot(np.hypot(*v), color=f"C{i}", **kw)
-        ax1.set(title="held-out: requested (thick), decoded (dashed)", xlabel="x (m)", ylabel="y (m)", aspect="equal")
-        ax2.set(title="speed: requested vs decoded", xlabel="time bin", ylabel="speed (m/s)")
-        figs["figures/7_reach_velocity.png"] = fig
-    return figs
+    te, fan, fig_v = data["test"], Figure(figsize=(10, 4.6)), Figure(figsize=(10, 4.6))
+    for i, (v, angle, title) in enumerate([(data["velocity"][te], data["angle"][te], "real held-out reaches"),
+                                           (v_dec_angle, theta, "decoded, angle-conditioned samples")]):
+        ax = fan.add_subplot(1, 2, i + 1, title=f"{title} (colour: angle)", xlabel="x (m)", ylabel="y (m)",
+                             aspect="equal")
+        for p, a in zip(trajectory(v), angle):
+            ax.plot(p[0], p[1], color=colormaps["hsv"]((a + np.pi) / (2 * np.pi)), lw=0.7, alpha=0.6)
+    ax1 = fig_v.add_subplot(1, 2, 1, title="held-out: requested (thick), decoded (dashed)", xlabel="x (m)",
+                            ylabel="y (m)", aspect="equal")
+    ax2 = fig_v.add_subplot(1, 2, 2, title="speed: requested vs decoded", xlabel="time bin", ylabel="speed (m/s)")
+    for i, (v_r, v_d) in enumerate(zip(data["velocity"][v_req[:6]], v_dec_vel[:6])):
+        for v, style in ((v_r, dict(lw=2.5, alpha=0.5)), (v_d, dict(lw=1, ls="--"))):
+            ax1.plot(*trajectory(v), color=f"C{i}", **style)
+            ax2.plot(np.hypot(*v), color=f"C{i}", **style)
+    return {"figures/1_reach_angle_fan.png": fan, "figures/2_reach_velocity.png": fig_v}
 
 MAX_COUNT = 500                 # largest plausible spike count in one bin of --data (about 100 kHz at 5 ms bins)
 
