@@ -66,7 +66,7 @@ class Config:
     # training: WGAN-GP (Alg. 1) with the repo's settings. NOTE (deviation): lr 4e-3 decayed linearly to 0, not a
     # constant 1e-4: with <= 5% of the paper's iterations 1e-4 is too slow, and the decay (as in Gulrajani et al.'s
     # CIFAR code) lets the last snapshot settle. --paper: 1e-4, constant.
-    iters: int = 2500          # generator iterations (repo default 300000)
+    iters: int = 3500          # generator iterations (repo default 300000)
     batch: int = 64            # B real and B fake samples per step
     lr: float = 4e-3           # Adam learning rate of both nets
     lr_decay: bool = True      # 1: linear decay to 0 over iters; 0: constant (paper)
