@@ -46,10 +46,9 @@ def test_import_is_silent_and_help_explains_every_flag(fname, tmp_path):
     assert not vague, f"flags without a help text: {vague}"
 
 BAD_FLAGS = [(f, a) for f in MODULES for a in ("--demo no-such-demo", "--device tpu", "--quick --paper", "--seed -1",
-                                             "--threads -2")] + [("ldns_minimal.py", a) for a in (  # and LDNS's own
-    "--demo lorenz-refractory --sh-bins 200; --ae-channels 30; --mask-p 1; --sample-steps 2000; --demo reach --data x; "
-    "--demo lorenz-varlen --len-min 500; --demo reach --angle-bin 38; --demo reach --n-vel 301; --demo lorenz-varlen "
-    "--n-bins 9 --n-buckets 9").split("; ")]
+    "--threads -2")] + [("ldns_minimal.py", a) for a in ("--demo lorenz-refractory --sh-bins 200; --ae-channels 30; "
+    "--mask-p 1; --sample-steps 2000; --demo reach --data x; --demo lorenz-varlen --len-min 500; --demo reach "
+    "--angle-bin 38; --demo reach --n-vel 301; --demo lorenz-varlen --n-bins 9 --n-buckets 9").split("; ")]  # + LDNS's
 
 @pytest.mark.parametrize("fname,argv", BAD_FLAGS)
 def test_bad_flags_exit_2_naming_the_flag(fname, argv, capsys):
@@ -99,6 +98,27 @@ def test_malformed_data_file_is_one_value_error_before_any_output(fname, name, t
         MODULES[fname].main(["--data", str(p), "--out", str(tmp_path / "out"), "--quick"])
     assert str(p) in str(e.value) and "expected" in str(e.value) and not (tmp_path / "out").exists()
 
+GOOD = np.random.default_rng(0).poisson(2.0, (20, 5, 12))
+
+@pytest.mark.parametrize("mod,arrays,match", [  # arrays saved with np.savez, the message expected (None: a good file)
+    (gn, dict(counts=GOOD), r"exactly one of the arrays 'rates' or 'spikes'.*\['counts'\]"),
+    (gn, dict(spikes=GOOD[:5]), r"shaped \(trials >= 8, neurons, bins >= 4\), found the shape \(5, 5, 12\)"),
+    (gn, dict(spikes=GOOD + 0.5), r"integer spike counts.*found values such as \[\d+\.5"),
+    (gn, dict(rates=np.full((20, 5, 12), 1e200)), r"\|rates\| <= 10000.*overflow float32.*1e\+200"),
+    (gn, dict(spikes=GOOD, targets=np.zeros((20, 2)), heldout=np.arange(20) > 2), r">= 8 training.*found 3"),
+    (gn, dict(spikes=GOOD.astype(np.float32), targets=np.ones((20, 2)), heldout=np.arange(20) < 4), None),
+    *[(m, dict(spikes=np.full(shape, v)), match) for m, shape, v, match in [  # LDNS: counts; Spike-GAN: binary
+        (ldns, (12, 4), 1, "3 dims"), (ldns, (9, 4, 32), 1, "at least 10 trials"), (ldns, (12, 4, 32), np.nan, "NaN"),
+        (ldns, (12, 4, 32), -1, "non-negative"), (ldns, (12, 4, 32), 1.5, "integer"), (ldns, (12, 4, 32), 0, "zeros"),
+        (ldns, (12, 4, 32), 501, "at most 500"), (ldns, (20, 4, 32), 3, None), (sg, (300, 4, 32), 2, "binary"),
+        (sg, (300, 4, 30), 1, "30 bins"), (sg, (100, 4, 32), 1, "80 and 20"), (sg, (300, 4, 32), 1, None)]]])
+def test_own_data_checks_and_a_good_file(mod, arrays, match, tmp_path):
+    np.savez(path := tmp_path / "d.npz", **arrays)                # GNOCCHI's good file: smoothed, sd 1.5 bins
+    with pytest.raises(ValueError, match=match) if match else contextlib.nullcontext():
+        d, K = mod.load_data(mod.Config(data=str(path))), np.exp(-np.subtract.outer(*[range(12)] * 2) ** 2 / 4.5)
+        assert np.allclose(d["rates"], GOOD @ (K / K.sum(0))) and (d["heldout"].sum(), d["targets"].size) == (4, 40) \
+            if mod is gn else (len(d["train"]), len(d["test"])) == ((14, 4) if mod is ldns else (240, 60))
+
 @pytest.mark.parametrize("fname", MODULES)
 def test_unwritable_out_and_a_diverging_run_stop_cleanly(fname, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
@@ -123,13 +143,11 @@ def _lift(fname, name):
         defs.update(dict.fromkeys(names, node))
     need, todo = set(), [name]
     while todo:
-        n = todo.pop()
-        if n not in need and n in defs:
+        if (n := todo.pop()) not in need and n in defs:
             need.add(n)
             todo += [m.id for m in ast.walk(defs[n]) if isinstance(m, ast.Name)]
     nodes = sorted({id(defs[n]): defs[n] for n in need}.values(), key=lambda nd: nd.lineno)
-    ns = {"__name__": "copied"}
-    exec(compile(ast.Module(body=imports + nodes, type_ignores=[]), f"<{name} from {fname}>", "exec"), ns)
+    exec(compile(ast.Module(imports + nodes, []), f"<{name} from {fname}>", "exec"), ns := {"__name__": "copied"})
     return ns
 
 x3, z = torch.linspace(-1, 1, 96).reshape(2, 3, 16), torch.linspace(-2, 2, 256).reshape(2, 128)  # (B, N, T), (B, Z)
@@ -144,8 +162,7 @@ COPY_OUT = {  # (file, piece) -> a use of it, given the namespace it lives in (t
     ("spikegan_minimal.py", "Critic"): lambda m: m["Critic"](3, 16, 4)(x3),
     ("spikegan_minimal.py", "Generator"): lambda m: m["Generator"](3, 16, 4)(z),
     ("spikegan_minimal.py", "gradient_penalty"): lambda m: m["gradient_penalty"](lambda x: x.sin().sum((1, 2)), x3, z3),
-    ("spikegan_minimal.py", "fit_dg"): lambda m: m["fit_dg"]((x3 > 0).numpy(), temporal=False)[1],
-}
+    ("spikegan_minimal.py", "fit_dg"): lambda m: m["fit_dg"]((x3 > 0).numpy(), temporal=False)[1]}
 
 @pytest.mark.parametrize("fname,name", list(COPY_OUT))
 def test_a_copied_out_piece_runs_alone_and_computes_what_the_file_does(fname, name):
@@ -175,9 +192,8 @@ def test_static_rules_shared_block_imports_and_every_random_draw_on_the_cpu(fnam
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
             continue
         name, base, kws = node.func.attr, ast.unparse(node.func.value), {k.arg for k in node.keywords}
-        if base == "torch" and (name.startswith("rand") and name.endswith("_like") or name in (
-                "randn", "rand", "randint", "randperm", "normal") and "device" in kws
-                or name == "Generator" and (node.args or kws)
+        if base == "torch" and (name.startswith("rand") and name.endswith("_like") or name == "Generator" and (
+                node.args or kws) or name in ("randn", "rand", "randint", "randperm", "normal") and "device" in kws
                 or name in ("poisson", "bernoulli", "multinomial") and not _is_cpu(node.args[0])):
             bad.append((node.lineno, ast.unparse(node)[:60]))
         if name == "numpy" and not _is_cpu(node.func.value):
@@ -694,21 +710,6 @@ def test_gn_generation_metrics_unintended_movement_sample_statistics_decoders_pc
     cfg, d = gn.Config(lfads_steps=2, device="cpu"), dict(x=np.random.default_rng(0).normal(size=(9, 6, 9)))
     C, generate = gn.baseline_latents(cfg, dict(d, train=np.arange(9) < 6), m := {})["LFADS-like"]
     assert len(m["lfads_kl_per_dim"]) == 4 and min(m["lfads_kl_per_dim"]) > 0 and generate(C).shape == (9, 6, 9)
-
-GOOD = np.random.default_rng(0).poisson(2.0, (20, 5, 12))
-
-@pytest.mark.parametrize("arrays,match", [  # arrays saved with np.savez, the message expected (None: a good file)
-    (dict(counts=GOOD), r"exactly one of the arrays 'rates' or 'spikes'.*\['counts'\]"),
-    (dict(spikes=GOOD[:5]), r"shaped \(trials >= 8, neurons, bins >= 4\), found the shape \(5, 5, 12\)"),
-    (dict(spikes=GOOD + 0.5), r"integer spike counts.*found values such as \[\d+\.5"),
-    (dict(rates=np.full((20, 5, 12), 1e200)), r"\|rates\| <= 10000.*overflow float32.*1e\+200"),
-    (dict(spikes=GOOD, targets=np.zeros((20, 2)), heldout=np.arange(20) > 2), r">= 8 training.*found 3"),
-    (dict(spikes=GOOD.astype(np.float32), targets=np.ones((20, 2)), heldout=np.arange(20) < 4), None)])
-def test_gn_own_data_checks_and_a_good_file(tmp_path, arrays, match):
-    np.savez(path := tmp_path / "d.npz", **arrays)                # a good file: counts smoothed with sd 1.5 bins
-    with pytest.raises(ValueError, match=match) if match else contextlib.nullcontext():
-        d, K = gn.load_data(gn.Config(data=str(path))), np.exp(-np.subtract.outer(*[range(12)] * 2) ** 2 / 4.5)
-        assert np.allclose(d["rates"], GOOD @ (K / K.sum(0))) and (d["heldout"].sum(), d["targets"].size) == (4, 40)
 
 # ==== Spike-GAN =======================================================================================================
 def test_sg_wgan_gp_objective_in_closed_form():
